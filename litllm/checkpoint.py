@@ -1,0 +1,190 @@
+"""Hugging Face checkpoint directories in and out. The HF <-> litllm parameter-name map lives here only."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from litllm.config import Config
+from litllm.errors import UserError
+from litllm.model import GPT
+
+# litllm name <-> HF name, per block; leaf names (q_proj, gate_proj, ...) are shared
+_BLOCK_NAMES = [
+    ("attn_norm", "input_layernorm"),
+    ("mlp_norm", "post_attention_layernorm"),
+    ("attn", "self_attn"),
+    ("mlp", "mlp"),
+]
+_HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.([a-z_]+)\.(.+)$")
+_LIT_BLOCK = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(.+)$")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
+
+
+def hf_to_litllm(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attn.q_proj.weight`; lm_head stays."""
+    if m := _HF_BLOCK.match(name):
+        i, part, rest = m.groups()
+        for lit, hf in _BLOCK_NAMES:
+            if part == hf:
+                return f"layers.{i}.{lit}.{rest}"
+    if name.startswith("model."):
+        return name[len("model."):]  # embed_tokens, norm
+    return name
+
+
+def litllm_to_hf(name: str) -> str:
+    if m := _LIT_BLOCK.match(name):
+        i, part, rest = m.groups()
+        for lit, hf in _BLOCK_NAMES:
+            if part == lit:
+                return f"model.layers.{i}.{hf}.{rest}"
+    if name.startswith("lm_head."):
+        return name
+    return f"model.{name}"
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16", "bf16", "torch.float16")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = str(dtype).removeprefix("torch.")
+    name = aliases.get(name, name)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserError(f"dtype '{dtype}' is not a floating-point torch dtype (try float32, bfloat16, float16)")
+    return value
+
+
+def safetensors_files(checkpoint_dir: Path) -> list[Path]:
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [checkpoint_dir / shard for shard in shards]
+    single = checkpoint_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(checkpoint_dir.glob("*.bin")) or any(checkpoint_dir.glob("*.pt")):
+        raise UserError(
+            f"{checkpoint_dir}: only pickled weights (*.bin/*.pt) found; litllm reads safetensors only "
+            "(convert them with transformers' save_pretrained(safe_serialization=True))"
+        )
+    raise UserError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json found")
+
+
+def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(
+            f"{checkpoint_dir}: checkpoint directory not found; get one with `litllm download REPO_ID` "
+            "or `litllm convert from_gguf FILE.gguf --out_dir DIR`"
+        )
+    return checkpoint_dir
+
+
+def load_model(
+    checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> GPT:
+    """Build the model of a HF checkpoint dir and load its weights (single file or shards)."""
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    config = Config.from_hf(checkpoint_dir)
+    dtype = dtype or parse_dtype(config.torch_dtype)
+    state_dict = {}
+    for file in safetensors_files(checkpoint_dir):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for hf_name in f.keys():
+                state_dict[hf_to_litllm(hf_name)] = f.get_tensor(hf_name).to(dtype)
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)  # the tied copy some checkpoints also store
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {name for name in model.state_dict() if not (config.tie_embeddings and name == "lm_head.weight")}
+    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    if missing or unexpected:
+        raise UserError(
+            f"{checkpoint_dir}: weights do not match config.json "
+            f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
+        )
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.to(device)
+    return model.eval()
+
+
+def save_checkpoint(
+    model: GPT,
+    out_dir: Path | str,
+    tokenizer_dir: Path | str | None = None,
+    max_shard_size: int = 5 * 1024**3,
+) -> Path:
+    """Write `model` as a HF model dir that transformers loads unchanged, atomically (temp dir, rename).
+
+    Weights are sharded with an index above `max_shard_size` bytes; tokenizer files are copied from
+    `tokenizer_dir`. An existing `out_dir` is replaced only once the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_model_files(model, tmp, max_shard_size)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _write_model_files(model: GPT, out_dir: Path, max_shard_size: int) -> None:
+    config = model.config
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue  # stored once, as the embedding
+        tensors[litllm_to_hf(name)] = tensor.detach().contiguous().cpu()
+    dtype = next(iter(tensors.values())).dtype
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,260 @@
+"""One decoder-only transformer for Llama, Mistral, Qwen2 and Qwen3.
+
+The families differ only through Config flags: grouped-query attention (n_kv_heads), RoPE base and
+scaling, sliding-window attention, q/k/v bias, per-head q/k RMSNorm, tied embeddings. Module leaf names
+(q_proj, gate_proj, ...) are Hugging Face's, so LoRA targets and adapters use the names people know.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from litllm.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # one matrix maps tokens to vectors and back: fewer parameters, as the checkpoint was trained
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config)
+        self.mask_cache: torch.Tensor | None = None  # (max_seq_len, max_seq_len) bool, set with the KV cache
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32.
+
+        Without `input_pos` this is one causal pass over the whole sequence (training, scoring). With
+        `input_pos` (T,) the tokens are written into the KV cache at those positions and attend to
+        everything cached so far (prefill, then one token per decode step).
+        """
+        return self.lm_head(self.hidden_states(input_ids, input_pos)).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, hidden_size), before lm_head."""
+        T = input_ids.size(1)
+        if input_pos is None:
+            positions = torch.arange(T, device=input_ids.device)
+            mask = None if self.config.sliding_window is None or T <= self.config.sliding_window else \
+                build_mask(T, self.config.sliding_window, input_ids.device)
+        else:
+            if self.mask_cache is None:
+                raise RuntimeError("input_pos needs a KV cache: call model.setup_kv_cache(...) first")
+            positions = input_pos
+            mask = self.mask_cache[input_pos]  # (T, max_seq_len): what each new token may attend to
+        cos, sin = self.rope(positions, dtype=self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden_size)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, input_pos)
+        return self.norm(x)
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate keys/values for `max_seq_len` positions, so decode steps never reallocate."""
+        device = self.embed_tokens.weight.device
+        dtype = dtype or self.embed_tokens.weight.dtype
+        shape = (batch_size, self.config.n_kv_heads, max_seq_len, self.config.head_dim)
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(shape, dtype, device)
+        self.mask_cache = build_mask(max_seq_len, self.config.sliding_window, device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.layers:
+            block.attn.kv_cache = None
+        self.mask_cache = None
+
+
+def build_mask(size: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """(size, size) bool, True where query i may attend to key j: causal, and within the window."""
+    i = torch.arange(size, device=device).unsqueeze(1)
+    j = torch.arange(size, device=device).unsqueeze(0)
+    mask = j <= i
+    if sliding_window is not None:
+        mask &= i - j < sliding_window
+    return mask
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.n_heads * config.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            # Qwen3 normalizes each head's queries and keys, which keeps attention logits bounded
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_heads or n_kv_heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, n_heads, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class KVCache(nn.Module):
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # in place at the new positions: the cache is allocated once, never grown
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in float32 even for bf16/fp16 activations, as the reference implementations do
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, computed per call from positions (no max-length table to allocate)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_factor = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim): rotate-half layout, as HF stores q/k
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_frequencies(config: Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim / 2,) and the cos/sin scale, for each supported RoPE scaling."""
+    with torch.device("cpu"):  # real numbers even when the model is being built on the meta device
+        return _rope_frequencies(config)
+
+
+def _rope_frequencies(config: Config) -> tuple[torch.Tensor, float]:
+    dim, theta = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    rope_type = scaling["rope_type"]
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":  # positions divided by `factor`
+        return inv_freq / scaling["factor"], 1.0
+    if rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, scaling), 1.0
+    if rope_type == "yarn":
+        return _yarn_frequencies(inv_freq, scaling, config)
+    raise ValueError(f"unknown rope_type {rope_type}")
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def _yarn_frequencies(inv_freq: torch.Tensor, scaling: dict, config: Config) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen long context): interpolate low frequencies, keep high ones, ramp between; scale attention."""
+    dim, base = config.head_dim, config.rope_theta
+    old_context = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_seq_len / old_context
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over old_context
+        return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate it
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)

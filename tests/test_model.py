@@ -1,0 +1,102 @@
+"""The model against transformers' own implementation of each family: same weights, same logits."""
+import json
+
+import pytest
+import torch
+
+from hf_models import FAMILIES, save_tiny_hf_model
+from litllm.checkpoint import load_model, save_checkpoint
+from litllm.config import Config
+from litllm.errors import UserError
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp(request.param)
+    reference = save_tiny_hf_model(request.param, out_dir)
+    return request.param, out_dir, reference
+
+
+def input_ids(batch=2, length=40, seed=1):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_logits_equal_transformers(family):
+    _, out_dir, reference = family
+    x = input_ids()  # 40 tokens: longer than the Mistral sliding window (5) and the rope scaling's old context
+    expected = reference(x).logits
+    actual = load_model(out_dir)(x)
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_older_rope_layout_reads_the_same(family, tmp_path):
+    """Hub checkpoints carry `rope_theta` + `rope_scaling`; transformers 5 writes `rope_parameters`."""
+    _, out_dir, reference = family
+    hf = json.loads((out_dir / "config.json").read_text())
+    params = dict(hf.pop("rope_parameters"))
+    hf["rope_theta"] = params.pop("rope_theta")
+    hf["rope_scaling"] = None if params["rope_type"] == "default" else params
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "model.safetensors").symlink_to(out_dir / "model.safetensors")
+    x = input_ids()
+    torch.testing.assert_close(load_model(tmp_path)(x), reference(x).logits, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_equals_full_forward(family):
+    _, out_dir, _ = family
+    model = load_model(out_dir)
+    x = input_ids(batch=1, length=24)
+    full = model(x)
+    model.setup_kv_cache(batch_size=1, max_seq_len=32)
+    prefill = 10
+    steps = [model(x[:, :prefill], torch.arange(prefill))]
+    for t in range(prefill, x.size(1)):  # one token at a time, past the sliding window
+        steps.append(model(x[:, t:t + 1], torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("max_shard_size", [10**9, 200_000])  # one file, and shards with an index
+@torch.no_grad()
+def test_saved_checkpoint_loads_in_transformers_with_same_logits(family, tmp_path, max_shard_size):
+    from transformers import AutoModelForCausalLM
+
+    _, out_dir, _ = family
+    model = load_model(out_dir)
+    saved = save_checkpoint(model, tmp_path / "saved", max_shard_size=max_shard_size)
+    assert (saved / "model.safetensors.index.json").exists() == (max_shard_size < 10**6)
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    x = input_ids()
+    torch.testing.assert_close(reloaded(x).logits, model(x), atol=1e-4, rtol=0)
+    torch.testing.assert_close(load_model(saved)(x), model(x), atol=0, rtol=0)
+
+
+def test_unknown_model_type_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
+        Config.from_hf(tmp_path)
+
+
+def test_unsupported_rope_type_is_a_user_error():
+    hf = dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+              num_attention_heads=2, rope_scaling={"rope_type": "longrope", "factor": 2.0})
+    with pytest.raises(UserError, match="rope type 'longrope' is not supported"):
+        Config.from_hf(hf)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "smollm2-135m", "llama-3.2-1b"])
+def test_named_configs_build_the_same_parameters_as_transformers(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from litllm.model import GPT
+
+    config = Config.from_name(name)
+    hf = config.to_hf()
+    with torch.device("meta"):
+        ours = GPT(config)
+        reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+    shapes = lambda model: sorted(tuple(p.shape) for p in model.parameters())  # noqa: E731
+    assert shapes(ours) == shapes(reference)
