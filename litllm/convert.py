@@ -1,0 +1,430 @@
+"""Checkpoint conversion: llama.cpp's GGUF files in, Hugging Face model directories out.
+
+A GGUF packs a whole model into one file: the config as metadata under llama.cpp's key names, the
+tokenizer as a vocabulary list, the weights quantized and in llama.cpp's layout. `from_gguf` unpacks
+it into the directory that litllm and `transformers` both load: config.json, generation_config.json,
+model.safetensors (float32), tokenizer.json and tokenizer_config.json.
+"""
+
+import json
+import math
+import shutil
+import uuid
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+
+from litllm.errors import UserError
+
+# GGUF architecture -> Hugging Face (model_type, class). Mistral and most Llama fine-tunes are "llama" in GGUF.
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+# tensor names: GGUF "blk.N.<key>" -> Hugging Face "model.layers.N.<value>"
+_BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# How text is cut into words before BPE, by `tokenizer.ggml.pre`. llama.cpp names the regex its vocabulary
+# was trained with; a name missing here gets GPT-2's, which is what transformers' GGUF loader does too.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(
+        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
+         "dbrx", "smaug-bpe"],
+        _LLAMA3_SPLIT,
+    ),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
+}
+
+
+def from_gguf(gguf_file: Path, out_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """Unpack a llama.cpp GGUF file into a Hugging Face model directory, weights dequantized to float32.
+
+    Args:
+        gguf_file: The .gguf file to read (Llama, Mistral, Qwen2 or Qwen3 architecture).
+        out_dir: The directory to write config.json, model.safetensors and the tokenizer files into
+            (default: checkpoints/<file name without .gguf>).
+        overwrite: Replace out_dir if it already exists and is not empty.
+    """
+    gguf_file = Path(gguf_file)
+    out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / gguf_file.stem
+    if not gguf_file.is_file():
+        raise UserError(f"GGUF file not found: {gguf_file}")
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not empty; pass `--overwrite true` to replace it")
+
+    reader = gguf.GGUFReader(gguf_file)
+    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    config = hf_config(metadata, tensors, gguf_file)
+    tokenizer, tokenizer_config = hf_tokenizer(metadata, gguf_file)
+
+    # Everything is written into a sibling temp dir and renamed into place, so an interrupted run
+    # never leaves a half-written out_dir that looks like a model.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        state_dict = hf_state_dict(tensors, config, gguf_file)
+        save_file(state_dict, staging / "model.safetensors", metadata={"format": "pt"})
+        _write_json(staging / "config.json", config)
+        _write_json(staging / "generation_config.json", _generation_config(metadata))
+        tokenizer.save(str(staging / "tokenizer.json"))
+        _write_json(staging / "tokenizer_config.json", tokenizer_config)
+        if out_dir.exists():
+            # move the old one aside first, so out_dir is never missing and never half-deleted
+            replaced = out_dir.rename(out_dir.parent / f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
+            staging.rename(out_dir)
+            if replaced.is_dir():
+                shutil.rmtree(replaced)
+            else:
+                replaced.unlink()
+        else:
+            staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def hf_config(metadata: dict, tensors: dict[str, gguf.ReaderTensor], gguf_file: Path) -> dict:
+    """The config.json of the model this GGUF holds, from llama.cpp's `<arch>.*` metadata keys."""
+    arch = metadata["general.architecture"]
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"{gguf_file}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+    model_type, hf_class = ARCHITECTURES[arch]
+
+    def key(name: str, default=None):
+        value = metadata.get(f"{arch}.{name}", default)
+        if value is None:
+            raise UserError(f"{gguf_file}: metadata key '{arch}.{name}' is missing; the file looks truncated")
+        return value
+
+    hidden_size, n_heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", hidden_size // n_heads)
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise UserError(f"{gguf_file}: RoPE over part of each head (partial rotary) is not supported")
+    rope_theta = _shortest_float(key("rope.freq_base", 10000.0))
+    rope_factors = None
+    if (rope_freqs := tensors.get("rope_freqs.weight")) is not None:  # Llama 3.1+: per-frequency RoPE divisors
+        rope_factors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type)
+
+    return {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "hidden_size": hidden_size,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": key("attention.head_count_kv", n_heads),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "rms_norm_eps": _shortest_float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(metadata, arch, rope_factors, rope_theta, head_dim, gguf_file),
+        "max_position_embeddings": key("context_length"),
+        # the embedding's row count, which can exceed the token list when it was padded for speed
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        # llama.cpp writes `output.weight` only when the output projection is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+
+
+def hf_state_dict(tensors: dict[str, gguf.ReaderTensor], config: dict, gguf_file: Path) -> dict[str, torch.Tensor]:
+    """Every GGUF tensor dequantized to float32 under its Hugging Face name, in Hugging Face's layout."""
+    # named first, so an unsupported tensor stops the conversion before minutes of dequantizing
+    # (`rope_freqs` is not a weight: it is already in config["rope_scaling"])
+    hf_names = {name: _hf_tensor_name(name, gguf_file) for name in tensors if name != "rope_freqs.weight"}
+    state_dict = {}
+    for name, hf_name in tqdm(hf_names.items(), desc="Dequantizing", unit="tensor"):
+        tensor = tensors[name]
+        try:
+            # numpy shapes already list GGUF's dimensions (`ne`, innermost first) in torch's order, outermost first
+            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as error:
+            raise UserError(f"{gguf_file}: cannot dequantize {name} ({tensor.tensor_type.name}): {error}")
+        weight = torch.tensor(weight, dtype=torch.float32)  # a copy: F32 tensors come as read-only views of the file
+        if config["model_type"] == "llama" and (".attn_q." in name or ".attn_k." in name):
+            n_heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+            weight = _unpermute_rotary_rows(weight, n_heads)
+        state_dict[hf_name] = weight.contiguous()
+    return state_dict
+
+
+def _hf_tensor_name(name: str, gguf_file: Path) -> str:
+    stem, _, kind = name.rpartition(".")  # kind: "weight" or "bias"
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        hf_name = part in _BLOCK_TENSORS and f"model.layers.{layer}.{_BLOCK_TENSORS[part]}"
+    else:
+        hf_name = _MODEL_TENSORS.get(stem)
+    if not hf_name:
+        raise UserError(f"{gguf_file}: tensor {name!r} has no Hugging Face counterpart; this variant is not supported")
+    return f"{hf_name}.{kind}"
+
+
+def _unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo the row order llama.cpp's converter gives Llama's q_proj and k_proj.
+
+    Hugging Face rotates the two halves of each head against each other (rotate_half); llama.cpp's
+    "llama" RoPE rotates adjacent pairs. Its converter reorders each head's rows from
+    (first half, second half) to interleaved pairs so the same model comes out; we order them back.
+    """
+    head_dim = weight.shape[0] // n_heads
+    # (n_heads * head_dim, ...) -> (n_heads, head_dim // 2, 2, ...): row pairs that llama.cpp interleaved
+    pairs = weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])
+    return pairs.transpose(1, 2).reshape(weight.shape)
+
+
+def _rope_scaling(
+    metadata: dict, arch: str, rope_factors: np.ndarray | None, rope_theta: float, head_dim: int, gguf_file: Path
+) -> dict | None:
+    if rope_factors is not None and not np.allclose(rope_factors, 1.0):
+        return _llama3_rope_scaling(rope_factors, rope_theta, head_dim, gguf_file)
+    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    factor = _shortest_float(metadata[f"{arch}.rope.scaling.factor"])
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = metadata[f"{arch}.rope.scaling.original_context_length"]
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    raise UserError(f"{gguf_file}: RoPE scaling {kind!r} is not supported (supported: linear, yarn)")
+
+
+def _llama3_rope_scaling(rope_factors: np.ndarray, rope_theta: float, head_dim: int, gguf_file: Path) -> dict:
+    """Recover Hugging Face's "llama3" RoPE parameters from the divisors llama.cpp stores per frequency.
+
+    llama.cpp's converter evaluates Llama 3.1's rule into the `rope_freqs` tensor: frequencies whose
+    wavelength is below `original / high_freq_factor` keep divisor 1, those above `original / low_freq_factor`
+    get `factor`, and in between the divisor r obeys 1/r = (1 - s) / factor + s, with s linear in the
+    frequency. Fitting that line gives back both boundary wavelengths. We state them with low_freq_factor = 1,
+    as Llama 3 itself does (original 8192, low 1, high 4).
+    """
+    factors = rope_factors.astype(np.float64)
+    factor = float(factors.max())
+    frequencies = rope_theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    between = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    if between.sum() < 2:
+        raise UserError(f"{gguf_file}: cannot read Llama 3 RoPE scaling from rope_freqs (too few scaled frequencies)")
+    smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(frequencies[between], smooth, 1)
+    long_wavelength = -2 * math.pi * slope / intercept  # where smooth = 0
+    short_wavelength = 2 * math.pi * slope / (1 - intercept)  # where smooth = 1
+    original = round(long_wavelength)
+    return {
+        "rope_type": "llama3",
+        "factor": _shortest_float(factor),
+        "low_freq_factor": 1.0,
+        # rounded: the fit is good to about 1e-6 and the published values are round numbers
+        "high_freq_factor": round(original / short_wavelength, 4),
+        "original_max_position_embeddings": original,
+    }
+
+
+def hf_tokenizer(metadata: dict, gguf_file: Path) -> tuple[Tokenizer, dict]:
+    """The tokenizer.json and tokenizer_config.json this GGUF's vocabulary describes.
+
+    It is the tokenizer transformers builds when it loads the GGUF itself
+    (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`): the same BPE model, pre-tokenizer, decoder
+    and special tokens, so both encode every text to the same ids.
+    """
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    token_types = metadata.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    merges = metadata.get("tokenizer.ggml.merges")
+    if kind == "gpt2":
+        tokenizer = _byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"))
+        # every token of a byte-level vocabulary is spelled in the 256-character byte alphabet; a "control"
+        # token that is not is a llama.cpp labeling mistake, and adding it would grow the vocabulary
+        spelling = set(pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "llama":
+        tokenizer = _sentencepiece_bpe(tokens, merges, metadata.get("tokenizer.ggml.scores"))
+        spelling = None
+    else:
+        raise UserError(f"{gguf_file}: tokenizer {kind!r} is not supported (supported: gpt2 (byte-level BPE), llama)")
+
+    # Control tokens (<|im_start|>) and the unknown token (<unk>) are special: matched whole, dropped by
+    # decode(skip_special_tokens=True). User-defined ones (<think>) are matched whole too but decode as text.
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token, token_type in zip(tokens, token_types)
+            if token_type in (gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN)
+            and (spelling is None or set(token) <= spelling)
+        ]
+    )
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_tokens(
+        [
+            AddedToken(token, special=False, normalized=False)
+            for token, token_type in zip(tokens, token_types)
+            if token_type == gguf.TokenType.USER_DEFINED and token in vocab
+        ]
+    )
+
+    named = {
+        name: tokens[metadata[f"tokenizer.ggml.{key}_token_id"]]
+        for name, key in [
+            ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")
+        ]
+        if f"tokenizer.ggml.{key}_token_id" in metadata
+    }
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in named.values()])
+
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and "bos_token" in named
+    add_eos = metadata.get("tokenizer.ggml.add_eos_token", False) and "eos_token" in named
+    tokenizer.post_processor = _bos_eos_template(tokenizer, named, add_bos, add_eos)
+
+    tokenizer_config = {
+        # the class that takes tokenizer.json as it is, rather than rebuilding it from the vocabulary
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **named,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+    }
+    if "tokenizer.chat_template" in metadata:
+        tokenizer_config["chat_template"] = metadata["tokenizer.chat_template"]
+    return tokenizer, tokenizer_config
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Tokenizer:
+    """GPT-2 style BPE over UTF-8 bytes, each byte spelled as one printable character (space is "Ġ")."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # A few files store a token as its plain text ("\n\n") rather than in the byte alphabet ("ĊĊ").
+    vocab = {
+        token if set(token) <= alphabet else spell.pre_tokenize_str(token)[0][0]: index
+        for index, token in enumerate(tokens)
+    }
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[tuple(merge.split(" ")) for merge in merges],
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    split = _PRE_TOKENIZER_SPLITS.get(pre)
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece_bpe(tokens: list[str], merges: list[str] | None, scores: list[float] | None) -> Tokenizer:
+    """Llama 2 style: BPE over characters, "▁" for space, unknown characters spelled as <0xNN> byte tokens."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if merges is None:
+        # Sentencepiece files store a score per token instead of merges. A merge is every split of a token
+        # into two tokens, ranked by the whole token's score, longer left and right parts first on ties.
+        token_scores = dict(zip(tokens, scores))
+        ranked = []
+        for token, score in token_scores.items():
+            splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+            ranked += [(left, right, score) for left, right in sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]]))]
+        ranked.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+        merge_pairs = [(left, right) for left, right, _ in ranked]
+    else:
+        merge_pairs = [tuple(merge.split(" ")) for merge in merges]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=True, byte_fallback=True, dropout=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    return tokenizer
+
+
+def _bos_eos_template(tokenizer: Tokenizer, named: dict, add_bos: bool, add_eos: bool) -> processors.TemplateProcessing:
+    """The post-processor that puts BOS/EOS around each encoded text, laid out as transformers writes it."""
+    bos, eos = named.get("bos_token"), named.get("eos_token")
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    special_tokens = [(token, tokenizer.token_to_id(token)) for token, add in [(bos, add_bos), (eos, add_eos)] if add]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_tokens)
+
+
+def _generation_config(metadata: dict) -> dict:
+    # Chat models end a turn with an end-of-turn token that can differ from EOS (<|eot_id|> vs <|end_of_text|>),
+    # so generation stops on any of them.
+    stop_ids = [
+        metadata[f"tokenizer.ggml.{key}_token_id"]
+        for key in ("eos", "eot", "eom")
+        if f"tokenizer.ggml.{key}_token_id" in metadata
+    ]
+    stop_ids = list(dict.fromkeys(stop_ids))  # unique, EOS first
+    return {
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": stop_ids if len(stop_ids) > 1 else next(iter(stop_ids), None),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+    }
+
+
+def _shortest_float(value: float) -> float:
+    """A GGUF float32 as the shortest decimal that reads back the same (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
