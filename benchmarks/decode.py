@@ -1,0 +1,77 @@
+"""Greedy decode tokens/s: litllm vs transformers' `generate`, same checkpoint, prompt, dtype and machine.
+
+    python benchmarks/decode.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+
+Prints one table and appends it to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import append_results, machine
+
+from litllm import LLM
+from litllm.generate import generate_tokens
+
+PROMPT = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
+
+
+def time_litllm(llm: LLM, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    tokens = list(generate_tokens(llm.model, prompt_ids, new_tokens))  # no stop ids: exactly new_tokens
+    return time.perf_counter() - start, tokens
+
+
+@torch.inference_mode()
+def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt_ids])
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start, out[0, len(prompt_ids):].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"))
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per side")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        llm = LLM.load(args.checkpoint_dir, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).eval()
+        prompt_ids = llm.tokenizer.encode_chat(PROMPT)
+        time_litllm(llm, prompt_ids, 8), time_transformers(hf, prompt_ids, 8)  # warm-up
+        ours = min(time_litllm(llm, prompt_ids, args.new_tokens) for _ in range(args.repeats))
+        theirs = min(time_transformers(hf, prompt_ids, args.new_tokens) for _ in range(args.repeats))
+        same = sum(a == b for a, b in zip(ours[1], theirs[1]))
+        rows.append((dtype_name, args.new_tokens / theirs[0], args.new_tokens / ours[0],
+                     theirs[0] / ours[0], f"{same}/{args.new_tokens}"))
+        print(rows[-1], file=sys.stderr)
+        del llm, hf
+
+    header = ["dtype", "transformers tok/s", "litllm tok/s", "speed-up", "same greedy tokens"]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    for name, hf_tps, ours_tps, ratio, same in rows:
+        lines.append(f"| {name} | {hf_tps:.1f} | {ours_tps:.1f} | {ratio:.2f}x | {same} |")
+    table = "\n".join(lines)
+    print(table)
+    append_results(
+        title=f"Greedy decode, {args.checkpoint_dir.name}, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens",
+        command="python " + " ".join(sys.argv),
+        table=table,
+        notes=f"{machine()}; best of {args.repeats} runs per side after a warm-up; batch 1.",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from litllm.cli import main
+
+main()

@@ -1,0 +1,72 @@
+"""The Python API: `LLM.load(checkpoint_dir)` then `generate`, `chat`, `model`, `tokenizer`."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from litllm.checkpoint import check_checkpoint_dir, load_model, parse_dtype
+from litllm.generate import generate_tokens, stream_text
+from litllm.lora import load_adapter, merge_lora
+from litllm.model import GPT
+from litllm.tokenizer import Tokenizer
+
+
+class LLM:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, checkpoint_dir: Path) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint_dir = checkpoint_dir
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint_dir: Path | str,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        adapter: Path | str | None = None,
+    ) -> "LLM":
+        """Load a Hugging Face model dir. dtype defaults to float32 on CPU and the checkpoint's dtype on GPU
+        (CPU matmuls in bf16/fp16 are slower to train and less exact; GPUs want the half types).
+
+        `adapter` is a LoRA adapter dir (PEFT format) for this checkpoint; it is merged into the weights, so
+        decoding costs what the base model's does."""
+        checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else None)
+        model = load_model(checkpoint_dir, dtype=dtype, device=device)
+        tokenizer = Tokenizer(checkpoint_dir)
+        if adapter is not None:
+            load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
+            model = merge_lora(model)
+        return cls(model, tokenizer, checkpoint_dir)
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """Complete the raw `prompt` (no chat template). With stream=True, yield text pieces as they come."""
+        return self._complete(self.tokenizer.encode(prompt), max_new_tokens, temperature, top_k, top_p,
+                              stop, seed, stream)
+
+    def chat(self, messages: list[dict[str, str]] | str, stream: bool = False, **kwargs) -> str | Iterator[str]:
+        """Answer a conversation (a list of {"role", "content"}, or one user message) with the chat template."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        prompt_ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return self._complete(prompt_ids, stream=stream, **kwargs)
+
+    def _complete(self, prompt_ids, max_new_tokens=128, temperature=0.0, top_k=None, top_p=1.0, stop=None,
+                  seed=None, stream=False):
+        tokens = generate_tokens(self.model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                                 stop_ids=self.tokenizer.stop_ids, seed=seed)
+        pieces = stream_text(self.tokenizer, tokens, stop)
+        return pieces if stream else "".join(pieces)

@@ -1,0 +1,205 @@
+"""Decoding with a preallocated KV cache: greedy, temperature, top-k, top-p; streaming; `generate` and `chat`."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from litllm.errors import UserError
+from litllm.model import GPT
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab). temperature 0 is greedy (argmax)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the more likely ones already cover top_p of the mass; the first always stays
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; the last one is a stop id if generation stopped on one."""
+    max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop_ids = set(stop_ids)
+    model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens)
+    try:
+        input_pos = torch.arange(len(prompt_ids), device=device)
+        logits = model(torch.tensor([prompt_ids], device=device), input_pos)[:, -1]  # prefill
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            yield int(token)
+            if int(token) in stop_ids:
+                return
+            input_pos = input_pos[-1:] + 1
+            logits = model(token.view(1, 1), input_pos)[:, -1]
+    finally:
+        model.clear_kv_cache()
+
+
+def check_length(prompt_len: int, max_new_tokens: int, context: int) -> int:
+    """The number of new tokens that fit the context; a prompt that alone fills it is a user error."""
+    if prompt_len >= context:
+        raise UserError(
+            f"the prompt is {prompt_len} tokens but the model's context is {context}; shorten the prompt"
+        )
+    return min(max_new_tokens, context - prompt_len)
+
+
+def stream_text(tokenizer, tokens: Iterable[int], stop: list[str] | None = None) -> Iterator[str]:
+    """Turn a token stream into text pieces, ending before any stop id or stop string.
+
+    Text is re-decoded from all tokens so far (a Korean syllable can span tokens); a piece is held back
+    while it ends in a partial UTF-8 character or could be the start of a stop string.
+    """
+    stop = [s for s in stop or [] if s]
+    stop_ids = set(tokenizer.stop_ids)
+    ids: list[int] = []
+    emitted = 0
+    text = ""
+    for token in tokens:
+        if token in stop_ids:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        hits = [h for h in (text.find(s, emitted) for s in stop) if h >= 0]
+        if hits:
+            yield text[emitted:min(hits)]
+            return
+        safe = len(text) - _partial_stop_length(text, stop)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _partial_stop_length(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string."""
+    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: str = "What food do llamas eat?",
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    adapter: Path | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Complete a raw prompt (no chat template) and stream the text to stdout.
+
+    Args:
+        checkpoint_dir: a Hugging Face model directory.
+        prompt: the text to continue.
+        max_new_tokens: at most this many new tokens.
+        temperature: 0 decodes greedily; higher samples more freely.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only among the most likely tokens covering this probability mass.
+        seed: random seed for sampling.
+        stop: strings that end the completion (not included).
+        adapter: a LoRA adapter directory (PEFT format) to apply to the checkpoint.
+        dtype: float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's on GPU).
+        device: cpu or cuda (default: cuda when available).
+    """
+    from litllm.api import LLM
+
+    llm = LLM.load(checkpoint_dir, dtype=dtype, device=device, adapter=adapter)
+    pieces = llm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, stop=stop, stream=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def chat(
+    checkpoint_dir: Path,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    adapter: Path | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Chat in the terminal with the checkpoint's chat template; `/exit` (or end of input) quits.
+
+    Args:
+        checkpoint_dir: a Hugging Face model directory with a chat template.
+        system: an optional system message.
+        max_new_tokens: at most this many new tokens per answer.
+        temperature: 0 decodes greedily; higher samples more freely.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only among the most likely tokens covering this probability mass.
+        seed: random seed for sampling.
+        adapter: a LoRA adapter directory (PEFT format) to apply to the checkpoint.
+        dtype: float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's on GPU).
+        device: cpu or cuda (default: cuda when available).
+    """
+    from litllm.api import LLM
+
+    llm = LLM.load(checkpoint_dir, dtype=dtype, device=device, adapter=adapter)
+    llm.tokenizer.apply_chat_template([{"role": "user", "content": ""}])  # no template: fail before the prompt
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {checkpoint_dir}. Type /exit to quit.")
+    while True:
+        try:
+            text = input(">> You: " if interactive else "")
+        except EOFError:
+            break
+        if text.strip() == "/exit":
+            break
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        print(">> Model: " if interactive else "", end="", flush=True)
+        answer = ""
+        for piece in llm.chat(messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, stream=True):
+            print(piece, end="", flush=True)
+            answer += piece
+        print()
+        messages.append({"role": "assistant", "content": answer})

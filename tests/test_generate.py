@@ -1,0 +1,87 @@
+"""Decoding on the real SmolLM2 checkpoint against transformers' `generate`."""
+import pytest
+import torch
+
+from litllm import LLM
+from litllm.generate import generate_tokens, sample, stream_text
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "List three primary colors."}],
+    [{"role": "user", "content": "Write a haiku about the sea."},
+     {"role": "assistant", "content": "Waves fold into foam"},
+     {"role": "user", "content": "Now one about mountains."}],
+    [{"role": "user", "content": "안녕하세요! 자기소개를 해 주세요."}],
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    return LLM.load(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_greedy_generation_equals_transformers(llm, hf_model, messages):
+    prompt_ids = llm.tokenizer.encode_chat(messages)
+    ours = list(generate_tokens(llm.model, prompt_ids, max_new_tokens=40, stop_ids=llm.tokenizer.stop_ids))
+    expected = hf_model.generate(
+        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=40, do_sample=False, eos_token_id=llm.tokenizer.stop_ids,
+        pad_token_id=llm.tokenizer.pad_id,
+    )[0, len(prompt_ids):].tolist()
+    assert ours == expected
+    assert len(ours) >= 32 or ours[-1] in llm.tokenizer.stop_ids
+
+
+def test_llm_api_generate_chat_and_logits(llm, hf_model):
+    answer = llm.chat(CHATS[0], max_new_tokens=24)
+    assert "Paris" in answer
+    ids = llm.tokenizer.encode("The quick brown fox")
+    logits = llm.model(torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), llm.model.config.vocab_size) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hf_model(torch.tensor([ids])).logits, atol=1e-4, rtol=0)
+    completion = llm.generate("The capital of Germany is", max_new_tokens=8)
+    assert completion == "".join(llm.generate("The capital of Germany is", max_new_tokens=8, stream=True))
+
+
+def test_stop_string_ends_the_completion(llm):
+    full = llm.generate("1, 2, 3, 4,", max_new_tokens=16)
+    assert " 7" in full
+    cut = llm.generate("1, 2, 3, 4,", max_new_tokens=16, stop=[" 7"])
+    assert cut == full[:full.index(" 7")]
+
+
+def test_sampling_is_reproducible_with_a_seed(llm):
+    kwargs = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50)
+    a = llm.chat(CHATS[1], seed=7, **kwargs)
+    assert a == llm.chat(CHATS[1], seed=7, **kwargs)
+    assert len({llm.chat(CHATS[1], seed=s, **kwargs) for s in range(4)}) > 1
+
+
+def test_top_p_and_top_k_keep_only_the_most_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        assert sample(logits, temperature=1.0, top_p=0.7, generator=g).item() in (0, 1)
+        assert sample(logits, temperature=1.0, top_k=1, generator=g).item() == 0
+    assert sample(logits).item() == 0
+
+
+def test_streamed_korean_text_never_splits_a_character(llm):
+    pieces = list(llm.chat(CHATS[3], max_new_tokens=32, stream=True))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == llm.chat(CHATS[3], max_new_tokens=32)
+
+
+def test_stream_text_holds_back_partial_stop_strings(llm):
+    tok = llm.tokenizer
+    ids = tok.encode("Hello world. END more", add_special_tokens=False)
+    assert "".join(stream_text(tok, ids, stop=["END"])) == "Hello world. "
