@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -123,26 +125,17 @@ def load_model(
     return model.eval()
 
 
-def save_checkpoint(
-    model: GPT,
-    out_dir: Path | str,
-    tokenizer_dir: Path | str | None = None,
-    max_shard_size: int = 5 * 1024**3,
-) -> Path:
-    """Write `model` as a HF model dir that transformers loads unchanged, atomically (temp dir, rename).
+@contextmanager
+def atomic_dir(out_dir: Path | str) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir` to fill; on success it replaces `out_dir` in one rename.
 
-    Weights are sharded with an index above `max_shard_size` bytes; tokenizer files are copied from
-    `tokenizer_dir`. An existing `out_dir` is replaced only once the new one is complete.
+    A run killed at any moment leaves either the old complete directory or the new one, never half of one.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_model_files(model, tmp, max_shard_size)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        yield tmp
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -153,10 +146,33 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return out_dir
 
 
-def _write_model_files(model: GPT, out_dir: Path, max_shard_size: int) -> None:
+def copy_tokenizer_files(source_dir: Path | str, out_dir: Path | str) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, Path(out_dir) / name)
+
+
+def save_checkpoint(
+    model: GPT,
+    out_dir: Path | str,
+    tokenizer_dir: Path | str | None = None,
+    max_shard_size: int = 5 * 1024**3,
+) -> Path:
+    """Write `model` as a HF model dir that transformers loads unchanged, atomically.
+
+    Weights are sharded with an index above `max_shard_size` bytes; tokenizer files are copied from
+    `tokenizer_dir`. An existing `out_dir` is replaced only once the new one is complete.
+    """
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tmp, max_shard_size)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(out_dir)
+
+
+def write_model_files(model: GPT, out_dir: Path, max_shard_size: int = 5 * 1024**3) -> None:
     config = model.config
     tensors = {}
     for name, tensor in model.state_dict().items():

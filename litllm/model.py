@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from litllm.config import Config
 
@@ -28,6 +29,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
         self.mask_cache: torch.Tensor | None = None  # (max_seq_len, max_seq_len) bool, set with the KV cache
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -36,32 +38,49 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32.
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32, or with `return_hidden` the final normed hidden states
+        (B, T, hidden_size), which training turns into a loss chunk by chunk (see training.py).
 
         Without `input_pos` this is one causal pass over the whole sequence (training, scoring). With
         `input_pos` (T,) the tokens are written into the KV cache at those positions and attend to
-        everything cached so far (prefill, then one token per decode step).
+        everything cached so far (prefill, then one token per decode step). Packed training rows pass
+        `position_ids` and `document_ids` (B, T): positions restart and attention stops at each
+        document boundary, so packed documents never see each other.
         """
-        return self.lm_head(self.hidden_states(input_ids, input_pos)).float()
-
-    def hidden_states(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normed hidden states (B, T, hidden_size), before lm_head."""
         T = input_ids.size(1)
-        if input_pos is None:
-            positions = torch.arange(T, device=input_ids.device)
-            mask = None if self.config.sliding_window is None or T <= self.config.sliding_window else \
-                build_mask(T, self.config.sliding_window, input_ids.device)
-        else:
+        window = self.config.sliding_window
+        if input_pos is not None:
             if self.mask_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_kv_cache(...) first")
             positions = input_pos
             mask = self.mask_cache[input_pos]  # (T, max_seq_len): what each new token may attend to
+        elif document_ids is not None:
+            positions = position_ids
+            same_document = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
+            mask = (same_document & build_mask(T, window, input_ids.device)).unsqueeze(1)  # (B, 1, T, T)
+        else:
+            positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
+            mask = None if window is None or T <= window else build_mask(T, window, input_ids.device)
         cos, sin = self.rope(positions, dtype=self.embed_tokens.weight.dtype)
+        if cos.dim() == 3:  # per-row positions (B, T, head_dim): broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self.embed_tokens(input_ids)  # (B, T, hidden_size)
         for block in self.layers:
-            x = block(x, cos, sin, mask, input_pos)
-        return self.norm(x)
+            if self.activation_checkpointing and self.training:
+                # keep only each block's input; recompute its insides during backward
+                x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, input_pos)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x).float()
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate keys/values for `max_seq_len` positions, so decode steps never reallocate."""

@@ -19,3 +19,19 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     from litllm.convert import from_gguf
 
     return from_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template: real data, fast training steps.
+
+    Sizes are multiples of 64, which bitsandbytes' 4-bit CPU kernels need.
+    """
+    from hf_models import save_tiny_hf_model
+    from litllm.checkpoint import copy_tokenizer_files
+
+    out_dir = tmp_path_factory.mktemp("tiny-chat")
+    save_tiny_hf_model("tied", out_dir, vocab_size=49152, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    copy_tokenizer_files(smollm2_dir, out_dir)
+    return out_dir

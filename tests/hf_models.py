@@ -21,11 +21,11 @@ FAMILIES = {
 }
 
 
-def save_tiny_hf_model(family: str, out_dir: Path, seed: int = 0):
+def save_tiny_hf_model(family: str, out_dir: Path, seed: int = 0, **overrides):
     """Save a random tiny model of `family` to out_dir and return the transformers model (float32, eval)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY, **FAMILIES[family])
+    kwargs = dict(TINY, **FAMILIES[family], **overrides)
     model_type = kwargs.pop("model_type")
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)

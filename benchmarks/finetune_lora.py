@@ -1,0 +1,185 @@
+"""Fine-tuning tokens/s and peak RSS: litllm vs transformers (+ PEFT for LoRA), same model, data, dtype and machine.
+
+    python benchmarks/finetune_lora.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    python benchmarks/finetune_lora.py --modes lora --precisions 32-true --steps 1 --warmup 0 --seq_len 32 --no_append
+
+Modes: `lora` (r=8, alpha=16, no dropout, all seven linear layers of every block) and `full` (every weight trained);
+precisions: `32-true` and `bf16-mixed` (fp32 weights, bf16 autocast). The batches are built once from real rows of
+data/alpaca_demo.json with litllm's tokenizer and data pipeline (concatenated into batch_size x seq_len tokens, every
+position a target) and the identical tensors go to both sides. Each side runs in its own subprocess (`--worker`), so
+its peak RSS is its own. litllm trains through its real path (Fabric, `accumulate_gradients`, `build_optimizer`);
+transformers through `model(input_ids, labels=labels).loss.backward()`. Prints one table and appends it to
+benchmarks/RESULTS.md (unless --no_append).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import append_results, machine
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIDES = ("transformers", "litllm")
+
+
+def build_batches(checkpoint_dir: Path, data_path: Path, count: int, batch_size: int, seq_len: int) -> list[dict]:
+    """`count` batches of (batch_size, seq_len) tokens: the tokenized rows end to end (repeated if too few)."""
+    from litllm.data.sft import JSON
+    from litllm.tokenizer import Tokenizer
+
+    data = JSON(json_path=data_path, mask_prompt=False, val_split_fraction=0.0)
+    dataset, _ = data.setup(Tokenizer(checkpoint_dir), max_seq_length=1 << 30)
+    stream = torch.cat([example["input_ids"] for example in dataset.examples])
+    needed = count * batch_size * seq_len
+    stream = stream.repeat(-(-needed // len(stream)))[:needed]
+    rows = [{"input_ids": row, "labels": row.clone()} for row in stream.view(-1, seq_len)]
+    return [dataset.collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def litllm_step(args):
+    """A function doing one optimizer step on a batch, as litllm's `fit` does it (no clipping, no scheduler)."""
+    import lightning as L
+
+    from litllm.checkpoint import load_model
+    from litllm.lora import LoRAConfig, apply_lora
+    from litllm.training import TrainArgs, accumulate_gradients, build_optimizer, model_dtype
+
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
+    model = load_model(args.checkpoint_dir, dtype=model_dtype(fabric))
+    if args.mode == "lora":
+        apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=TARGETS))
+    model.train()
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(build_optimizer(model.parameters(), "AdamW", TrainArgs(lr=args.lr)))
+    chunk_size = TrainArgs().loss_chunk_size
+
+    def step(batch: dict) -> float:
+        loss = accumulate_gradients(fabric, model, [batch], chunk_size)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def transformers_step(args):
+    """A function doing one optimizer step on a batch with a transformers model (+ PEFT adapters for LoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=torch.float32)
+    if args.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)  # as build_optimizer
+    bf16 = args.precision == "bf16-mixed"
+
+    def step(batch: dict) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def worker(args) -> None:
+    """Load one side, run warm-up then timed steps, print one JSON line: tokens/s, peak RSS, mean timed loss."""
+    torch.manual_seed(0)
+    batches = torch.load(args.batches, weights_only=True)
+    step = (litllm_step if args.worker == "litllm" else transformers_step)(args)
+    seconds, losses = 0.0, []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        loss = step(batch)
+        if i >= args.warmup:
+            seconds += time.perf_counter() - start
+            losses.append(loss)
+        print(f"{args.worker} {args.mode} {args.precision} step {i}: loss {loss:.4f}", file=sys.stderr)
+    tokens = sum(batch["input_ids"].numel() for batch in batches[args.warmup:])
+    print(json.dumps({"tokens_per_sec": tokens / seconds, "loss": sum(losses) / len(losses),
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
+
+
+def run_worker(args, side: str, mode: str, precision: str, batches: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--precision", precision,
+               "--batches", str(batches), "--checkpoint_dir", str(args.checkpoint_dir),
+               "--warmup", str(args.warmup), "--lr", str(args.lr)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes to the terminal
+    if done.returncode:
+        raise SystemExit(f"the {side} worker failed ({mode}, {precision}): exit status {done.returncode}")
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"))
+    parser.add_argument("--data", type=Path, default=Path("data/alpaca_demo.json"))
+    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = Path(tmp) / "batches.pt"
+        data = build_batches(args.checkpoint_dir, args.data, args.warmup + args.steps, args.batch_size, args.seq_len)
+        torch.save(data, batches)
+        for mode in args.modes.split(","):
+            for precision in args.precisions.split(","):
+                hf, ours = (run_worker(args, side, mode, precision, batches) for side in SIDES)
+                rows.append((mode, precision, hf, ours))
+                print(rows[-1], file=sys.stderr)
+
+    header = ["mode", "precision", "transformers(+PEFT) tok/s", "litllm tok/s", "speed-up",
+              "transformers peak RSS GB", "litllm peak RSS GB", "RSS litllm/transformers",
+              "transformers loss", "litllm loss"]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    for mode, precision, hf, ours in rows:
+        lines.append(
+            f"| {mode} | {precision} | {hf['tokens_per_sec']:.1f} | {ours['tokens_per_sec']:.1f} | "
+            f"{ours['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x | {hf['peak_rss_gb']:.2f} | "
+            f"{ours['peak_rss_gb']:.2f} | {ours['peak_rss_gb'] / hf['peak_rss_gb']:.2f} | "
+            f"{hf['loss']:.4f} | {ours['loss']:.4f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.no_append:
+        return
+    append_results(
+        title=f"Fine-tuning, {args.checkpoint_dir.name}, batch {args.batch_size} x {args.seq_len} tokens",
+        command="python " + " ".join(sys.argv),
+        table=table,
+        notes=f"{machine()}; each side in its own process (peak RSS: that process's ru_maxrss, model loading "
+              f"included); {args.warmup} untimed then {args.steps} timed optimizer steps per side, loss the mean "
+              f"over the timed steps; rows of {args.data.name} concatenated, every token a target, identical "
+              f"batches on both sides; LoRA r=8 alpha=16 dropout 0 on {', '.join(TARGETS)}; AdamW lr {args.lr} "
+              "betas (0.9, 0.95), no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 autocast.",
+    )
+
+
+if __name__ == "__main__":
+    main()

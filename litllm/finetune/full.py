@@ -1,0 +1,80 @@
+"""Full fine-tuning (every weight trains): a Lightning Fabric script.
+
+    litllm finetune full checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data JSON --data.json_path my.jsonl
+    python full.py --config full.yaml      # after `litllm cp finetune/full full.py`
+
+setup() builds Fabric, the model, the data and the optimizer; training.fit() is the loop.
+Outputs: Hugging Face model dirs under out_dir (step-NNNNNN/ and final/), logs under out_dir/logs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
+from litllm.data import Alpaca, SFTData
+from litllm.tokenizer import Tokenizer
+from litllm.training import (
+    TrainArgs, build_optimizer, build_scheduler, fit, load_training_state, model_dtype, prepare_data,
+    prepare_out_dir, Progress, setup_fabric,
+)
+
+
+def setup(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/full"),
+    data: SFTData | None = None,
+    train: TrainArgs = TrainArgs(lr=2e-5),
+    precision: str | None = None,
+    optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
+    logger: Literal["csv", "tensorboard", "wandb"] = "csv",
+    seed: int = 1337,
+    resume: bool | Literal["auto"] = False,
+    overwrite: bool = False,
+) -> Path:
+    """Fine-tune every weight of a model.
+
+    Args:
+        checkpoint_dir: the Hugging Face model dir to fine-tune.
+        out_dir: where checkpoints (HF model dirs with training state) and logs go.
+        data: the fine-tuning data (default: Alpaca from the hub).
+        train: training loop settings.
+        precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
+        optimizer: AdamW, or AdamW8bit from bitsandbytes.
+        logger: where metrics go besides the terminal: csv, tensorboard or wandb.
+        seed: random seed (data order).
+        resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
+        overwrite: delete an existing out_dir and start over.
+    """
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    resume_from = prepare_out_dir(out_dir, resume, overwrite)
+    fabric = setup_fabric(out_dir, precision, logger)
+    fabric.seed_everything(seed)
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    train_data, val_data = prepare_data(fabric, data or Alpaca(), tokenizer, train.max_seq_length)
+
+    # a resumed run reads its weights from its own checkpoint, which is a complete HF model dir
+    model = load_model(resume_from or checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
+    model.activation_checkpointing = train.activation_checkpointing
+    model = fabric.setup_module(model)
+    optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, train))
+    scheduler = build_scheduler(optim, train, train.total_steps(len(train_data)))
+    progress = load_training_state(resume_from, optim, scheduler) if resume_from else Progress()
+    if resume_from:
+        fabric.print(f"Resuming from {resume_from} (step {progress.step})")
+
+    def save_weights(directory: Path) -> None:
+        write_model_files(model.module, directory)
+        copy_tokenizer_files(checkpoint_dir, directory)
+
+    fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress)
+    final = out_dir / "final"
+    fabric.print(f"Saved the fine-tuned model to {final}\nTry it: litllm chat {final}")
+    return final
+
+
+if __name__ == "__main__":
+    from litllm.cli import run
+
+    run(setup)

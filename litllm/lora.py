@@ -1,0 +1,339 @@
+"""LoRA and DoRA by layer replacement: each targeted linear layer is wrapped in a `LoRALinear`, the rest of
+the model is untouched. Adapters are saved and loaded in PEFT's format, so `peft.PeftModel.from_pretrained`
+reads ours and we read PEFT's; the parameter names are PEFT's (`lora_A`, `lora_B`, `lora_magnitude_vector`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from litllm.checkpoint import hf_to_litllm, litllm_to_hf
+from litllm.errors import UserError
+from litllm.quantize import dequantize_weight
+
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+PEFT_PREFIX = "base_model.model."  # PeftModel(LoraModel(transformers model)) in front of every HF name
+_LORA_PARAM = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the model's linear layers; the base weights stay frozen.
+
+    Attributes:
+        r: rank of the learned update B @ A.
+        alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).
+        dropout: dropout probability on the adapter's input (the base layer sees the input unchanged).
+        targets: Hugging Face names of the layers to adapt: q_proj, k_proj, v_proj, o_proj, gate_proj,
+            up_proj, down_proj, lm_head.
+        dora: DoRA (arXiv 2402.09353): also learn the norm of each output row of the weight.
+        rslora: rank-stabilized LoRA (arXiv 2312.03732): scale by alpha / sqrt(r), so higher ranks still learn.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dora: bool = False
+    rslora: bool = False
+
+
+class LoRALinear(nn.Module):
+    """base(x) + scaling * B(A(dropout(x))) around a frozen linear layer (plain or bitsandbytes 4/8-bit).
+
+    With DoRA each output row of the combined weight W + scaling * B @ A is rescaled to a learned length
+    (`lora_magnitude_vector`), computed as PEFT computes it: the row norms are detached, as the paper
+    suggests (section 4.3); in eval mode or without dropout W x is taken from base(x), less its bias.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dora: bool = False,
+                 rslora: bool = False) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = dequantize_weight(base)
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        # A as nn.Linear's default init (as the LoRA paper's code and PEFT), B zero: training starts at the base
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if dora:  # row norms of the starting weight (B = 0), so DoRA also starts at the base model
+            self.lora_magnitude_vector = nn.Parameter(torch.linalg.norm(weight.detach(), dim=1))
+        else:
+            self.lora_magnitude_vector = None
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if not self.enabled:
+            return result
+        x = x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is None:
+            return (result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(result.dtype)
+        return (result + self._dora_extra(x, result)).to(result.dtype)
+
+    def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: (m / |W + sBA| - 1) W x + (m / |W + sBA|) s B A x."""
+        weight = dequantize_weight(self.base).to(x.dtype)  # (out, in)
+        with torch.no_grad():  # the row norms are constants for backward: cheaper, and stable (DoRA 4.3)
+            delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)
+            weight_norm = torch.linalg.norm(weight + self.scaling * delta, dim=1)  # (out,)
+        scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result if self.base.bias is None else result - self.base.bias  # reuse base(x): W x
+        else:
+            x = self.dropout(x)  # dropout applies to W x too here, so W x is recomputed on the dropped input
+            base_result = F.linear(x, weight)
+        return (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight (out, in) of one plain linear layer with this layer's output, in float32."""
+        weight = dequantize_weight(self.base).float()
+        combined = weight + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        if self.lora_magnitude_vector is None:
+            return combined
+        norm = torch.linalg.norm(combined, dim=1)
+        return (self.lora_magnitude_vector.float() / norm).view(-1, 1) * combined
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap every layer named in `config.targets` in a LoRALinear and freeze all but the LoRA parameters."""
+    unknown = [t for t in config.targets if t not in LINEAR_LAYERS]
+    if unknown:
+        raise UserError(f"unknown LoRA target(s) {unknown}; valid targets: {', '.join(LINEAR_LAYERS)}")
+    names = [name for name in _linear_layer_names(model) if name.rsplit(".", 1)[-1] in config.targets]
+    return _wrap_layers(model, names, config)
+
+
+def _linear_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in LINEAR_LAYERS]
+
+
+def _wrap_layers(model: nn.Module, names: list[str], config: LoRAConfig) -> nn.Module:
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        raise ValueError("the model already has LoRA layers")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.dora, config.rslora)
+        setattr(parent, child, layer.train(model.training))  # an eval model stays in eval mode (no dropout)
+    for name, param in model.named_parameters():
+        param.requires_grad = bool(_LORA_PARAM.search(name))
+    return model
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter's tensors, under litllm names (`layers.0.attn.q_proj.lora_A.weight`)."""
+    return {name: t for name, t in model.state_dict().items() if _LORA_PARAM.search(name)}
+
+
+def count_parameters(model: nn.Module, trainable: bool = True) -> int:
+    """Number of (trainable) parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRALinear acts as its base layer: the base model, e.g. DPO's reference."""
+    layers = [layer for _, layer in lora_layers(model)]
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous):
+            layer.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace each LoRALinear with a plain nn.Linear holding the merged weight (a quantized base is
+    de-quantized first): the same logits, at the base model's cost."""
+    for name, layer in list(lora_layers(model)):
+        weight = dequantize_weight(layer.base)
+        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        merged.weight.copy_(layer.merged_weight())
+        if layer.base.bias is not None:
+            merged.bias.copy_(layer.base.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, merged)
+        if child == "lm_head" and getattr(getattr(model, "config", None), "tie_embeddings", False):
+            # the merged output matrix is no longer the embedding: save it as its own tensor
+            model.config = replace(model.config, tie_embeddings=False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ PEFT files
+
+
+def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_checkpoint: Path) -> Path:
+    """Write a PEFT adapter dir (adapter_config.json, adapter_model.safetensors) and litllm.json naming
+    the base checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_checkpoint = str(Path(base_checkpoint).resolve())
+    tensors = {PEFT_PREFIX + litllm_to_hf(name): t.detach().contiguous().cpu()
+               for name, t in lora_state_dict(model).items()}
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_checkpoint,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _target_modules(model),
+        "exclude_modules": None,
+        "use_rslora": config.rslora,
+        "use_dora": config.dora,
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": None,
+        "auto_mapping": None,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    (out_dir / "litllm.json").write_text(json.dumps({"base_checkpoint": base_checkpoint}, indent=2) + "\n")
+    return out_dir
+
+
+def _target_modules(model: nn.Module) -> list[str] | str:
+    """PEFT's target_modules for the adapted layers: their leaf names, or, when only some layers of a kind
+    are adapted, a regex matching exactly their HF module names."""
+    adapted = [name for name, _ in lora_layers(model)]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    if len(adapted) == sum(name.rsplit(".", 1)[-1] in leaves for name in _linear_layer_names(model)):
+        return leaves
+    return "|".join(re.escape(_hf_module_name(name)) for name in adapted)
+
+
+def _hf_module_name(name: str) -> str:
+    return litllm_to_hf(f"{name}.weight").removesuffix(".weight")
+
+
+# keys of adapter_config.json whose non-default values change what the adapter computes, and litllm lacks
+_UNSUPPORTED_KEYS = (
+    "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "lora_bias", "layers_to_transform",
+    "exclude_modules", "target_parameters", "trainable_token_indices", "layer_replication", "use_qalora",
+    "use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
+)
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | str | None = None) -> LoRAConfig:
+    """Apply the PEFT LoRA adapter in `adapter_dir` (written by litllm or PEFT) to `model` and load its weights.
+
+    `base_checkpoint` is the directory `model` came from; it is only named in error messages.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise UserError(f"{adapter_dir}: no adapter_config.json; is this a LoRA adapter directory?")
+    if not weights_file.is_file():
+        hint = " (pickled adapter_model.bin found; litllm reads safetensors only)" \
+            if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise UserError(f"{adapter_dir}: no adapter_model.safetensors{hint}")
+    peft = json.loads(config_file.read_text())
+    if peft.get("peft_type") != "LORA":
+        raise UserError(f"{config_file}: peft_type is {peft.get('peft_type')!r}; litllm loads LORA adapters only")
+    for key in _UNSUPPORTED_KEYS:
+        value = peft.get(key)
+        if not (value is None or value is False or value == "none" or value == {} or value == []):
+            raise UserError(f"{config_file}: '{key}': {json.dumps(value)} is not supported by litllm")
+    init = peft.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", "eva", "orthogonal"):
+        raise UserError(f"{config_file}: 'init_lora_weights': {json.dumps(init)} changes the base weights as "
+                        "the adapter loads, which litllm does not do; convert the adapter to plain LoRA with PEFT "
+                        "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    config = LoRAConfig(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
+                        dora=bool(peft.get("use_dora")), rslora=bool(peft.get("use_rslora")))
+    names = _peft_targets(model, peft.get("target_modules"), config_file)
+    config.targets = [leaf for leaf in LINEAR_LAYERS if any(name.rsplit(".", 1)[-1] == leaf for name in names)]
+    _wrap_layers(model, names, config)
+    _load_weights(model, weights_file, base_checkpoint, peft.get("base_model_name_or_path"))
+    return config
+
+
+def _peft_targets(model: nn.Module, target_modules: list[str] | str | None, config_file: Path) -> list[str]:
+    """litllm names of the layers PEFT would adapt: a list entry matches a module name or its ending after a
+    dot; a string is a regex matched against the whole name; "all-linear" is every linear layer but lm_head."""
+    candidates = {name: _hf_module_name(name) for name in _linear_layer_names(model)}
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            names = [name for name, hf in candidates.items() if hf != "lm_head"]
+        else:
+            names = [name for name, hf in candidates.items() if re.fullmatch(target_modules, hf)]
+        if not names:
+            raise UserError(f"{config_file}: target_modules {target_modules!r} matches no layer litllm can adapt "
+                            f"({', '.join(LINEAR_LAYERS)})")
+        return names
+    if not target_modules:
+        raise UserError(f"{config_file}: 'target_modules' is missing")
+    names = []
+    for target in target_modules:
+        matched = [name for name, hf in candidates.items() if hf == target or hf.endswith(f".{target}")]
+        if not matched:
+            raise UserError(f"{config_file}: target_modules entry '{target}' names no layer litllm can adapt "
+                            f"({', '.join(LINEAR_LAYERS)})")
+        names += matched
+    return [name for name in candidates if name in names]  # model order, each once
+
+
+@torch.no_grad()
+def _load_weights(model: nn.Module, weights_file: Path, base_checkpoint, trained_on: str | None) -> None:
+    adapter_dir = weights_file.parent
+    base = base_checkpoint or "the base model"
+    if trained_on:
+        adapter_dir = f"{adapter_dir} (trained on {trained_on})"
+    incompatible = f"incompatible adapter and base: adapter {adapter_dir} does not fit base {base}"
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    with safe_open(weights_file, framework="pt") as f:
+        for peft_name in f.keys():
+            name = hf_to_litllm(peft_name.removeprefix(PEFT_PREFIX))
+            # PEFT also stores the base weight of a targeted lm_head/embedding ("save_embedding_layers")
+            name = name.replace(".base_layer.", ".base.")
+            tensor = f.get_tensor(peft_name)
+            param = expected.get(name)
+            if param is None:
+                raise UserError(f"{incompatible}: the base has no parameter for '{peft_name}'")
+            if param.shape != tensor.shape:
+                raise UserError(f"{incompatible}: '{peft_name}' has shape {list(tensor.shape)}, "
+                                f"the base needs {list(param.shape)}")
+            param.copy_(tensor)
+            loaded.add(name)
+    missing = sorted(name for name in expected if _LORA_PARAM.search(name) and name not in loaded)
+    if missing:
+        raise UserError(f"{incompatible}: the adapter lacks {len(missing)} LoRA tensors the base needs, "
+                        f"e.g. '{PEFT_PREFIX + litllm_to_hf(missing[0])}'")

@@ -1,0 +1,348 @@
+"""What every training script shares: settings, Fabric, optimizer, schedule, loss, the loop, save/resume."""
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from litllm.checkpoint import atomic_dir
+from litllm.errors import UserError
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class TrainArgs:
+    """Training loop settings (the `--train.*` options).
+
+    Attributes:
+        global_batch_size: examples per optimizer step.
+        micro_batch_size: examples per forward/backward; gradients accumulate over
+            global_batch_size / micro_batch_size micro-batches, normalized so this equals one big batch.
+        max_steps: optimizer steps to run; overrides epochs when set.
+        epochs: passes over the training data (when max_steps is not set).
+        max_seq_length: longer examples are truncated (and counted in the log).
+        lr: peak learning rate, reached after warmup_steps, then cosine-decayed to min_lr.
+        min_lr: learning rate at the last step.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: clip the gradient norm to this value (None: no clipping).
+        log_interval: log every N steps.
+        eval_interval: compute the validation loss every N steps (None: only at the end).
+        eval_max_batches: at most this many validation micro-batches per evaluation (None: all).
+        save_interval: write a resumable checkpoint every N steps (None: only the final one).
+        activation_checkpointing: recompute each block's activations in backward to save memory.
+        loss_chunk_size: tokens per cross-entropy chunk, so the full fp32 logits never exist at once.
+    """
+
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    max_steps: int | None = None
+    epochs: int = 1
+    max_seq_length: int = 512
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    log_interval: int = 1
+    eval_interval: int | None = 50
+    eval_max_batches: int | None = None
+    save_interval: int | None = None
+    activation_checkpointing: bool = False
+    loss_chunk_size: int = 1024
+
+    def accumulation_steps(self) -> int:
+        if self.global_batch_size % self.micro_batch_size:
+            raise UserError(
+                f"--train.global_batch_size {self.global_batch_size} is not a multiple of "
+                f"--train.micro_batch_size {self.micro_batch_size}"
+            )
+        return self.global_batch_size // self.micro_batch_size
+
+    def total_steps(self, n_examples: int) -> int:
+        return self.max_steps or max(1, math.ceil(self.epochs * n_examples / self.global_batch_size))
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int = 1) -> L.Fabric:
+    """Fabric with the chosen precision and a logger writing under out_dir/logs."""
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+    # flushed every log, so a killed run keeps its metrics up to the kill
+    loggers = {"csv": lambda: CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1),
+               "tensorboard": lambda: TensorBoardLogger(out_dir, name="logs")}
+    if logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers["wandb"] = lambda: WandbLogger(project="litllm", save_dir=out_dir)
+    if logger not in loggers:
+        raise UserError(f"--logger {logger!r} is not one of csv, tensorboard, wandb")
+    fabric = L.Fabric(devices=devices, precision=precision or default_precision(), loggers=[loggers[logger]()])
+    fabric.launch()
+    return fabric
+
+
+def model_dtype(fabric: L.Fabric) -> torch.dtype:
+    """The dtype to load weights in: the training dtype for "-true" precisions, float32 for mixed ones."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(fabric.strategy.precision.precision,
+                                                                      torch.float32)
+
+
+def prepare_data(fabric: L.Fabric, data, tokenizer, max_seq_length: int):
+    """Tokenize the data once; say how much was truncated, so nothing is cut silently."""
+    train_data, val_data = data.setup(tokenizer, max_seq_length)
+    fabric.print(f"Data: {len(train_data)} training and {len(val_data)} validation sequences; "
+                 f"{data.num_truncated} of {data.num_examples} examples truncated to {max_seq_length} tokens"
+                 + (f" ({data.num_dropped} left out: no response token left)" if data.num_dropped else ""))
+    if not len(train_data):
+        raise UserError("no training examples left; raise --train.max_seq_length or lower --data.val_split_fraction")
+    return train_data, val_data
+
+
+def prepare_out_dir(out_dir: Path, resume: bool | Literal["auto"], overwrite: bool) -> Path | None:
+    """Apply the rule that nothing is overwritten silently; return the checkpoint to resume from, if any."""
+    if resume:
+        latest = latest_checkpoint(out_dir)
+        if latest is None and resume is True:
+            raise UserError(f"--resume true: no complete checkpoint under {out_dir} (use --resume auto to start fresh)")
+        return latest
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"{out_dir} already exists; pass --resume auto to continue it or --overwrite true to start over"
+            )
+        shutil.rmtree(out_dir)
+    return None
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (`step-NNNNNN` or `final`) under out_dir; temp dirs never count."""
+    complete = [d for d in out_dir.glob("step-*") if (d / STATE_FILE).is_file()]
+    if (out_dir / "final" / STATE_FILE).is_file():
+        complete.append(out_dir / "final")
+    return max(complete, key=lambda d: torch.load(d / STATE_FILE, weights_only=True)["step"], default=None)
+
+
+def build_optimizer(params, name: str, args: TrainArgs) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    if name == "AdamW8bit":  # optimizer state in 8 bits: a quarter of AdamW's memory
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    raise UserError(f"--optimizer {name!r} is not one of AdamW, AdamW8bit")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return (args.min_lr + (args.lr - args.min_lr) * cosine) / args.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def chunked_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens (labels != -100).
+
+    Only target positions go through lm_head, in chunks under activation checkpointing: the float32
+    logits of a 50k-150k vocabulary exist for one chunk at a time, in forward and in backward.
+    """
+    hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # position t predicts token t + 1
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    hidden, targets = hidden[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        total = total + checkpoint(_chunk_loss, model.lm_head, h, t, use_reentrant=False)
+    return total
+
+
+def _chunk_loss(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   document_ids=batch.get("document_ids"), return_hidden=True)
+    return chunked_cross_entropy(model, hidden, batch["labels"], chunk_size)
+
+
+# ------------------------------------------------------------------------------------------ data order
+
+
+@dataclass
+class Progress:
+    """Where training is: optimizer steps done and the position in the data (saved for exact resume)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # examples of this epoch already consumed
+
+
+def micro_batches(dataset, batch_size: int, seed: int, progress: Progress) -> Iterator[dict]:
+    """Micro-batches in a shuffled order fixed by (seed, epoch), starting at `progress`; advances it."""
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + progress.epoch))
+        while progress.position < len(order):
+            indices = order[progress.position:progress.position + batch_size].tolist()
+            progress.position += len(indices)
+            yield dataset.collate([dataset[i] for i in indices])
+        progress.epoch, progress.position = progress.epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def fit(
+    fabric: L.Fabric,
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    train_data,
+    val_data,
+    args: TrainArgs,
+    seed: int,
+    out_dir: Path,
+    save_weights: Callable[[Path], None],
+    progress: Progress,
+) -> None:
+    """forward, loss, backward, step; log, validate, save. `save_weights(dir)` writes the model's files."""
+    accumulation = args.accumulation_steps()
+    total_steps = args.total_steps(len(train_data))
+    model.train()  # checkpoints load in eval mode; dropout and activation checkpointing need train mode
+    batches = micro_batches(train_data, args.micro_batch_size, seed, progress)
+    tokens, started = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress.step, desc="Training", disable=not sys.stderr.isatty())
+    while progress.step < total_steps:
+        micro = [next(batches) for _ in range(accumulation)]
+        step_loss = accumulate_gradients(fabric, model, micro, args.loss_chunk_size)
+        tokens += sum(batch["input_ids"].numel() for batch in micro)
+        if args.grad_clip is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        progress.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+
+        metrics = {}
+        if progress.step % args.log_interval == 0 or progress.step == total_steps:
+            elapsed = time.perf_counter() - started
+            metrics.update(loss=step_loss, lr=scheduler.get_last_lr()[0], tokens_per_sec=tokens / elapsed,
+                           peak_memory_gb=peak_memory_gb(fabric.device))
+        if val_data is not None and len(val_data) and (
+            (args.eval_interval and progress.step % args.eval_interval == 0) or progress.step == total_steps
+        ):
+            metrics["val_loss"] = validate(fabric, model, val_data, args)
+            fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}")
+        if metrics:
+            fabric.log_dict({"step": progress.step, **metrics}, step=progress.step)
+            if not sys.stderr.isatty():  # CI and pipes get a plain line per log instead of a bar
+                fabric.print(" ".join(f"{k} {v:.4g}" for k, v in {"step": progress.step, **metrics}.items()))
+        if args.save_interval and progress.step % args.save_interval == 0 and progress.step < total_steps:
+            save_training_checkpoint(out_dir / f"step-{progress.step:06d}", save_weights, optimizer, scheduler, progress)
+    bar.close()
+    save_training_checkpoint(out_dir / "final", save_weights, optimizer, scheduler, progress)
+    for logger in fabric.loggers:
+        logger.finalize("success")
+
+
+def accumulate_gradients(fabric: L.Fabric, model, micro_batches: list[dict], chunk_size: int) -> float:
+    """Forward and backward over the micro-batches of one optimizer step; returns the step's mean token loss.
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole step, so the accumulated
+    gradient equals that of one large batch, however unevenly the targets fall between micro-batches.
+    """
+    n_targets = max(1, sum(count_targets(batch) for batch in micro_batches))
+    step_loss = 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: fabric.to_device(v) for k, v in batch.items()}
+        # gradients sync across devices only on the last micro-batch
+        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1), fabric.autocast():
+            loss = sft_loss(model, batch, chunk_size) / n_targets
+        fabric.backward(loss)
+        step_loss += loss.item()
+    return step_loss
+
+
+@torch.no_grad()
+def validate(fabric: L.Fabric, model, val_data, args: TrainArgs) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(val_data), args.micro_batch_size):
+        if args.eval_max_batches is not None and i // args.micro_batch_size >= args.eval_max_batches:
+            break
+        batch = val_data.collate([val_data[j] for j in range(i, min(i + args.micro_batch_size, len(val_data)))])
+        batch = {k: fabric.to_device(v) for k, v in batch.items()}
+        with fabric.autocast():
+            total += sft_loss(model, batch, args.loss_chunk_size).item()
+        count += count_targets(batch)
+    model.train()
+    return total / max(count, 1)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: peak RSS
+
+
+# ------------------------------------------------------------------------------------------ save / resume
+
+
+def save_training_checkpoint(directory: Path, save_weights, optimizer, scheduler, progress: Progress) -> None:
+    """Weights (HF dir or PEFT adapter) plus everything an exact resume needs, in one atomic directory."""
+    with atomic_dir(directory) as tmp:
+        save_weights(tmp)
+        state = {
+            "step": progress.step, "epoch": progress.epoch, "position": progress.position,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, tmp / STATE_FILE)
+
+
+def load_training_state(directory: Path, optimizer, scheduler) -> Progress:
+    state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return Progress(step=state["step"], epoch=state["epoch"], position=state["position"])

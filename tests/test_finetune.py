@@ -1,0 +1,209 @@
+"""Fine-tuning as specified: accumulation, packing, exact resume, QLoRA, outputs other tools load."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from litllm.checkpoint import load_model
+from litllm.data import JSON
+from litllm.lora import LoRAConfig, apply_lora
+from litllm.tokenizer import Tokenizer
+from litllm.training import accumulate_gradients, sft_loss
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def litllm(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "litllm", *map(str, args)], capture_output=True, text=True,
+                          timeout=900, **kwargs)
+
+
+def tokenized(model_dir, max_seq_length=96, **data_kwargs):
+    data = JSON(json_path=DATA / "alpaca_demo.json", val_split_fraction=0.0, **data_kwargs)
+    train, _ = data.setup(Tokenizer(model_dir), max_seq_length)
+    return train
+
+
+def gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_equals_large_batch(tiny_chat_model_dir):
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    train = tokenized(tiny_chat_model_dir)
+    examples = [train[i] for i in range(4)]
+    counts = [int((e["labels"][1:] != -100).sum()) for e in examples]
+    assert len(set(counts)) > 1  # uneven numbers of target tokens per example
+
+    model = fabric.setup_module(load_model(tiny_chat_model_dir).train())
+    one_big = accumulate_gradients(fabric, model, [train.collate(examples)], chunk_size=64)
+    expected = gradients(model)
+    model.zero_grad()
+    four_small = accumulate_gradients(fabric, model, [train.collate([e]) for e in examples], chunk_size=64)
+    actual = gradients(model)
+    assert one_big == pytest.approx(four_small, abs=1e-6)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_chat_model_dir):
+    unpacked = tokenized(tiny_chat_model_dir, max_seq_length=256, mask_prompt=False)
+    packed = tokenized(tiny_chat_model_dir, max_seq_length=256, mask_prompt=False, packing=True)
+    n_documents = int(sum(packed[i]["document_ids"].max() + 1 for i in range(len(packed))))
+    assert n_documents == len(unpacked) and len(packed) < len(unpacked)
+
+    model = load_model(tiny_chat_model_dir).train()
+    losses = {}
+    grads = {}
+    for name, data in (("unpacked", unpacked), ("packed", packed)):
+        model.zero_grad()
+        total = sum(sft_loss(model, data.collate([data[i]]), chunk_size=128) for i in range(len(data)))
+        total.backward()
+        losses[name], grads[name] = total.item(), gradients(model)
+    assert losses["packed"] == pytest.approx(losses["unpacked"], rel=1e-5)
+    for name in grads["unpacked"]:
+        torch.testing.assert_close(grads["packed"][name], grads["unpacked"][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_packing_keeps_documents_apart(tiny_chat_model_dir):
+    """Logits of a document inside a packed row equal those of the document alone."""
+    packed = tokenized(tiny_chat_model_dir, max_seq_length=256, packing=True)[0]
+    model = load_model(tiny_chat_model_dir)
+    with torch.no_grad():
+        logits = model(packed["input_ids"][None], position_ids=packed["position_ids"][None],
+                       document_ids=packed["document_ids"][None])[0]
+        for doc in range(int(packed["document_ids"].max()) + 1):
+            where = packed["document_ids"] == doc
+            alone = model(packed["input_ids"][where][None])[0]
+            torch.testing.assert_close(logits[where], alone, atol=1e-5, rtol=0)
+
+
+def train_args(out_dir, *extra):
+    return ["--data", "JSON", "--data.json_path", DATA / "alpaca_demo.json", "--out_dir", out_dir,
+            "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_seq_length", "96",
+            "--train.warmup_steps", "2", "--train.lr", "1e-3", "--train.eval_interval", "4", *extra]
+
+
+def logged(out_dir, key="loss"):
+    """{step: value} from every CSV log version under out_dir (a resumed run writes a new version)."""
+    values = {}
+    for path in sorted((out_dir / "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get(key):
+                values[int(row["step"])] = float(row[key])
+    return values
+
+
+def test_lora_run_killed_mid_epoch_resumes_with_the_same_loss_curve(tiny_chat_model_dir, tmp_path):
+    steps = ["--train.max_steps", "14", "--train.save_interval", "3"]
+    reference = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "ref", *steps))
+    assert reference.returncode == 0, reference.stderr
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "litllm", "finetune", "lora", str(tiny_chat_model_dir),
+               *map(str, train_args(run_dir, *steps))]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (run_dir / "step-000003").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: only atomic checkpoints survive
+    process.wait()
+    assert not (run_dir / "final").exists(), "the run finished before it could be killed"
+
+    resumed = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(run_dir, *steps, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout
+    assert logged(run_dir) == logged(tmp_path / "ref")  # every step, exactly
+    assert len(logged(run_dir)) == 14 and logged(run_dir, "val_loss") == logged(tmp_path / "ref", "val_loss")
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_lora_adapter_loads_in_peft_with_the_same_logits(tiny_chat_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = litllm("finetune", "lora", tiny_chat_model_dir,
+                    *train_args(tmp_path, "--train.max_steps", "3", "--lora.targets", "[q_proj,v_proj,down_proj]"))
+    assert result.returncode == 0, result.stderr
+    assert "litllm chat" in result.stdout
+    adapter = tmp_path / "final"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "tokenizer.json").is_file()
+    from litllm import LLM
+
+    ours = LLM.load(tiny_chat_model_dir, adapter=adapter)
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, adapter).eval()
+    x = torch.tensor([ours.tokenizer.encode("Give three tips for staying healthy.")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(x), reference(x).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(ours.model(x), load_model(tiny_chat_model_dir)(x))  # the adapter learned
+
+
+def test_full_finetune_output_loads_in_transformers_with_the_same_logits(tiny_chat_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = litllm("finetune", "full", tiny_chat_model_dir, *train_args(tmp_path, "--train.max_steps", "3"))
+    assert result.returncode == 0, result.stderr
+    final = tmp_path / "final"
+    ours = load_model(final)
+    reference = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    x = torch.randint(0, 49152, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x).logits, atol=1e-4, rtol=0)
+        assert not torch.allclose(ours(x), load_model(tiny_chat_model_dir)(x))  # the weights moved
+
+
+def test_qlora_nf4_training_lowers_the_loss_on_real_data(tiny_chat_model_dir, tmp_path):
+    result = litllm("finetune", "lora", tiny_chat_model_dir,
+                    *train_args(tmp_path, "--train.max_steps", "8", "--quantize", "bnb.nf4",
+                                "--data.val_split_fraction", "0.5"))
+    assert result.returncode == 0, result.stderr
+    val = logged(tmp_path, "val_loss")
+    assert val[8] < val[4]
+
+
+def test_qlora_nf4_lowers_the_training_loss_of_smollm2_on_real_data(smollm2_dir):
+    import bitsandbytes as bnb
+
+    from litllm.quantize import quantize_model
+
+    model = quantize_model(load_model(smollm2_dir), "bnb.nf4")
+    apply_lora(model, LoRAConfig(r=8, dropout=0.0))
+    assert isinstance(model.layers[0].attn.q_proj.base, bnb.nn.Linear4bit)
+    data = tokenized(smollm2_dir, max_seq_length=64)
+    batch = data.collate([data[i] for i in range(4)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(5):  # the same batch each step: the adapters must fit it
+        loss = sft_loss(model.train(), batch, chunk_size=128) / int((batch["labels"][:, 1:] != -100).sum())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_existing_out_dir_is_never_overwritten_silently(tiny_chat_model_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    result = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path, "--train.max_steps", "1"))
+    assert result.returncode == 2 and "--overwrite true" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_bad_data_row_and_unknown_key_are_one_line_errors(tiny_chat_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    result = litllm("finetune", "lora", tiny_chat_model_dir, "--data", "JSON", "--data.json_path", bad,
+                    "--out_dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{bad}:2: missing key 'output'" in result.stderr.strip().splitlines()[-1]
+    result = litllm("finetune", "lora", tiny_chat_model_dir, "--lora.rank", "4")
+    assert result.returncode == 2 and "--lora.r" in result.stderr and len(result.stderr.strip().splitlines()) == 1

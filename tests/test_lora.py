@@ -1,0 +1,302 @@
+"""LoRA/DoRA against PEFT on tiny transformers models: same weights, same logits; adapters cross-load both ways."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hf_models import save_tiny_hf_model
+from litllm.checkpoint import litllm_to_hf, load_model
+from litllm.errors import UserError
+from litllm.lora import (
+    LINEAR_LAYERS, LoRAConfig, LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
+    lora_state_dict, merge_lora, save_adapter,
+)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("llama")
+    return out_dir, save_tiny_hf_model("llama", out_dir)
+
+
+def input_ids(batch=2, length=12, seed=1):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def randomize_lora(model: nn.Module, seed: int = 0) -> None:
+    """Non-zero B (and magnitudes off the weight norms), so the adapter visibly changes the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        elif "lora_magnitude_vector" in name:
+            param.mul_(1 + 0.2 * torch.rand(param.shape, generator=generator))
+
+
+def lora_model(checkpoint_dir, config: LoRAConfig, seed: int = 0):
+    model = apply_lora(load_model(checkpoint_dir), config)
+    randomize_lora(model, seed)
+    return model
+
+
+def peft_model(hf_model, config: LoRAConfig):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(hf_model, LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.targets,
+        use_dora=config.dora, use_rslora=config.rslora, task_type="CAUSAL_LM"))
+
+
+@torch.no_grad()
+def copy_lora_into_peft(model, peft):
+    """Our LoRA tensors into PEFT's modules, found by their HF module names."""
+    hf_model = peft.base_model.model
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            target = hf_model.get_submodule(litllm_to_hf(f"{name}.weight").removesuffix(".weight"))
+            target.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            target.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            if layer.lora_magnitude_vector is not None:
+                target.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_forward_equals_peft(llama, tmp_path, dora):
+    checkpoint_dir, _ = llama
+    config = LoRAConfig(r=4, alpha=12, dropout=0.0, targets=ALL_LINEAR + ["lm_head"], dora=dora)
+    model = lora_model(checkpoint_dir, config)
+    peft = peft_model(save_tiny_hf_model("llama", tmp_path), config).eval()
+    copy_lora_into_peft(model, peft)
+    x = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path, dora):
+    """In training mode with dropout; both draw the same dropout masks from the same seed, layer by layer."""
+    checkpoint_dir, _ = llama
+    config = LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["q_proj", "v_proj", "down_proj"], dora=dora)
+    model = lora_model(checkpoint_dir, config).train()
+    peft = peft_model(save_tiny_hf_model("llama", tmp_path), config).train()
+    copy_lora_into_peft(model, peft)
+    x = input_ids()
+    torch.manual_seed(3)
+    ours = model(x)
+    torch.manual_seed(3)
+    theirs = peft(x).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    ours_grad = model.layers[1].mlp.down_proj.lora_A.weight.grad
+    theirs_grad = peft.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.grad
+    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_only_lora_parameters_train(llama):
+    config = LoRAConfig(r=2, targets=["q_proj", "lm_head"], dora=True)
+    model = apply_lora(load_model(llama[0]), config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_state_dict(model))
+    assert len(trainable) == 3 * 3  # A, B, magnitude for 2 q_proj and lm_head
+    # q_proj 64 -> 64 and lm_head 64 -> 128 at rank 2, plus one magnitude per output row
+    assert count_parameters(model) == 2 * (2 * 64 + 64 * 2 + 64) + (2 * 64 + 128 * 2 + 128)
+    assert torch.equal(model(input_ids()), load_model(llama[0])(input_ids()))  # B = 0: starts at the base
+
+
+@pytest.mark.parametrize("family,dora", [("llama", False), ("llama", True), ("tied", True)])
+def test_lora_merge_equals_unmerged_forward(tmp_path, family, dora):
+    save_tiny_hf_model(family, tmp_path)
+    model = lora_model(tmp_path, LoRAConfig(r=4, alpha=16, targets=ALL_LINEAR + ["lm_head"], dora=dora))
+    x = input_ids()
+    with torch.no_grad():
+        unmerged = model(x)
+        merged_model = merge_lora(model)
+        merged = merged_model(x)
+    assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
+    assert type(merged_model.layers[0].attn.q_proj) is nn.Linear
+    assert merged_model.layers[0].attn.q_proj.bias is None and merged_model.lm_head.weight.dtype == torch.float32
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    if family == "tied":  # the merged lm_head differs from the embedding: saved as its own tensor from now on
+        assert not merged_model.config.tie_embeddings
+        assert merged_model.lm_head.weight is not merged_model.embed_tokens.weight
+
+
+def test_qlora_merge_into_dequantized_weight_equals_unmerged(llama):
+    pytest.importorskip("bitsandbytes")
+    from litllm.quantize import quantize_model
+
+    # bitsandbytes' CPU 4-bit kernel needs in_features divisible by 64: down_proj (96) stays in float
+    model = quantize_model(load_model(llama[0]), "bnb.nf4", skip=("lm_head", "down_proj"))
+    apply_lora(model, LoRAConfig(r=4, targets=["q_proj", "gate_proj", "down_proj"], dora=True))
+    randomize_lora(model)
+    x = input_ids()
+    with torch.no_grad():
+        unmerged = model(x)
+        merged = merge_lora(model)(x)
+    assert type(model.layers[0].attn.q_proj) is nn.Linear and type(model.layers[0].mlp.gate_proj) is nn.Linear
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_disable_adapters_gives_base_logits(llama):
+    model = lora_model(llama[0], LoRAConfig(targets=ALL_LINEAR, dora=True))
+    x = input_ids()
+    with torch.no_grad():
+        adapted = model(x)
+        with disable_adapters(model):
+            base = model(x)
+        assert torch.equal(base, load_model(llama[0])(x))
+        assert not torch.allclose(adapted, base)
+        assert torch.equal(model(x), adapted)  # enabled again after the block
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_litllm_adapter_loads_in_peft(llama, tmp_path, dora):
+    from peft import PeftConfig, PeftModel
+
+    checkpoint_dir, _ = llama
+    config = LoRAConfig(r=4, alpha=8, targets=ALL_LINEAR + ["lm_head"], dora=dora)
+    model = lora_model(checkpoint_dir, config)
+    save_adapter(model, config, tmp_path / "adapter", base_checkpoint=checkpoint_dir)
+    assert PeftConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path == str(checkpoint_dir.resolve())
+    assert json.loads((tmp_path / "adapter" / "litllm.json").read_text()) == {
+        "base_checkpoint": str(checkpoint_dir.resolve())}
+    hf_base = save_tiny_hf_model("llama", tmp_path / "base")
+    peft = PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    x = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(x).logits, model(x), atol=1e-5, rtol=0)
+
+
+def test_adapter_of_some_layers_round_trips_through_peft(llama, tmp_path):
+    """An adapter on only some layers of a kind is saved with a target regex that PEFT and litllm both read."""
+    from peft import PeftModel
+
+    checkpoint_dir, _ = llama
+    config = LoRAConfig(r=4, alpha=8, targets=["q_proj", "up_proj"])
+    model = lora_model(checkpoint_dir, config)
+    model.layers[1].attn.q_proj = model.layers[1].attn.q_proj.base  # drop one adapted layer
+    save_adapter(model, config, tmp_path / "adapter", base_checkpoint=checkpoint_dir)
+    target = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(target, str)
+    x = input_ids()
+    peft = PeftModel.from_pretrained(save_tiny_hf_model("llama", tmp_path / "base"), tmp_path / "adapter").eval()
+    reloaded = load_model(checkpoint_dir)
+    load_adapter(reloaded, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft(x).logits, model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(x), model(x), atol=0, rtol=0)
+
+
+PEFT_ADAPTERS = {
+    "llama": ("llama", dict(target_modules=ALL_LINEAR)),
+    "llama-rslora-dora": ("llama", dict(target_modules=["q_proj", "v_proj", "gate_proj"], use_rslora=True,
+                                        use_dora=True)),
+    "llama-all-linear": ("llama", dict(target_modules="all-linear")),
+    "llama-regex": ("llama", dict(target_modules=r".*\.1\.(self_attn|mlp)\.(k_proj|down_proj)")),
+    # q/k/v have biases: DoRA rescales W x, not the bias
+    "qwen2-dora": ("qwen2", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True)),
+    "tied-lm-head": ("tied", dict(target_modules=["q_proj", "lm_head"], use_dora=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_ADAPTERS))
+def test_peft_adapter_loads_in_litllm(tmp_path, case):
+    from peft import LoraConfig, get_peft_model
+
+    family, kwargs = PEFT_ADAPTERS[case]
+    hf_model = save_tiny_hf_model(family, tmp_path / "base")
+    peft = get_peft_model(hf_model, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM", **kwargs))
+    randomize_lora(peft)
+    peft.save_pretrained(tmp_path / "adapter")
+    model = load_model(tmp_path / "base")
+    config = load_adapter(model, tmp_path / "adapter")
+    assert (config.r, config.alpha, config.dropout) == (4, 16, 0.1)
+    assert config.rslora == kwargs.get("use_rslora", False) and config.dora == kwargs.get("use_dora", False)
+    x = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft.eval()(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def litllm_adapter(llama, tmp_path_factory):
+    checkpoint_dir, _ = llama
+    config = LoRAConfig(r=4, alpha=8, targets=["q_proj", "k_proj", "down_proj"])
+    out_dir = tmp_path_factory.mktemp("adapter")
+    return save_adapter(lora_model(checkpoint_dir, config), config, out_dir, base_checkpoint=checkpoint_dir)
+
+
+def edited_adapter(adapter_dir, out_dir, **changes):
+    """A copy of the adapter with adapter_config.json keys changed."""
+    out_dir.mkdir()
+    (out_dir / "adapter_model.safetensors").symlink_to(adapter_dir / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (out_dir / "adapter_config.json").write_text(json.dumps(config | changes))
+    return out_dir
+
+
+def test_adapter_with_other_rank_is_incompatible(llama, litllm_adapter, tmp_path):
+    adapter = edited_adapter(litllm_adapter, tmp_path / "r8", r=8)
+    with pytest.raises(UserError, match="incompatible adapter and base") as error:
+        load_adapter(load_model(llama[0]), adapter, base_checkpoint=llama[0])
+    assert str(adapter) in str(error.value) and str(llama[0]) in str(error.value)
+
+
+def test_adapter_of_other_base_is_incompatible(litllm_adapter, tmp_path):
+    save_tiny_hf_model("qwen3", tmp_path / "qwen3")  # head_dim 24: q_proj and k_proj have other shapes
+    with pytest.raises(UserError, match="incompatible adapter and base.*_proj.*has shape"):
+        load_adapter(load_model(tmp_path / "qwen3"), litllm_adapter, base_checkpoint=tmp_path / "qwen3")
+
+
+def test_adapter_missing_tensors_is_incompatible(llama, litllm_adapter, tmp_path):
+    adapter = edited_adapter(litllm_adapter, tmp_path / "more", target_modules=["q_proj", "k_proj", "down_proj",
+                                                                                  "up_proj"])
+    with pytest.raises(UserError, match="incompatible adapter and base.*lacks 4 LoRA tensors.*up_proj"):
+        load_adapter(load_model(llama[0]), adapter)
+
+
+@pytest.mark.parametrize("key,value", [("rank_pattern", {"q_proj": 2}), ("modules_to_save", ["lm_head"]),
+                                       ("bias", "all"), ("peft_type", "IA3"), ("init_lora_weights", "pissa")])
+def test_adapter_settings_litllm_cannot_honour_are_refused(llama, litllm_adapter, tmp_path, key, value):
+    adapter = edited_adapter(litllm_adapter, tmp_path / key, **{key: value})
+    with pytest.raises(UserError, match=f"adapter_config.json: .*{key}"):
+        load_adapter(load_model(llama[0]), adapter)
+
+
+def test_unknown_targets_are_refused(llama, litllm_adapter, tmp_path):
+    with pytest.raises(UserError, match="unknown LoRA target.*'qkv_proj'.*valid targets: q_proj"):
+        apply_lora(load_model(llama[0]), LoRAConfig(targets=["q_proj", "qkv_proj"]))
+    adapter = edited_adapter(litllm_adapter, tmp_path / "embed", target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(UserError, match="adapter_config.json: target_modules entry 'embed_tokens'"):
+        load_adapter(load_model(llama[0]), adapter)
+    assert set(LINEAR_LAYERS) == set(ALL_LINEAR) | {"lm_head"}
+
+
+def test_llm_load_with_adapter(llama, litllm_adapter, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from litllm import LLM
+
+    checkpoint_dir, _ = llama
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (base_dir / name).symlink_to(checkpoint_dir / name)
+    vocab = {f"t{i}": i for i in range(127)} | {"<unk>": 127}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="t0").save_pretrained(base_dir)
+
+    expected = load_model(checkpoint_dir)
+    load_adapter(expected, litllm_adapter)
+    llm = LLM.load(base_dir, adapter=litllm_adapter, device="cpu")
+    assert not any(isinstance(m, LoRALinear) for m in llm.model.modules())  # merged for decoding
+    x = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(x), expected(x), atol=1e-5, rtol=0)
+    assert isinstance(llm.generate("t5 t6 t7", max_new_tokens=3), str)
