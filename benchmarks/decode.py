@@ -22,7 +22,8 @@ PROMPT = [{"role": "user", "content": "Explain in detail how a steam engine work
 
 def time_litllm(llm: LLM, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
     start = time.perf_counter()
-    tokens = list(generate_tokens(llm.model, prompt_ids, new_tokens))  # no stop ids: exactly new_tokens
+    # no stop ids: exactly new_tokens
+    tokens = list(generate_tokens(llm.model, prompt_ids, new_tokens, decode_step=llm.decode_step))
     return time.perf_counter() - start, tokens
 
 
@@ -47,29 +48,39 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        llm = LLM.load(args.checkpoint_dir, dtype=dtype)
         hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).eval()
-        prompt_ids = llm.tokenizer.encode_chat(PROMPT)
-        time_litllm(llm, prompt_ids, 8), time_transformers(hf, prompt_ids, 8)  # warm-up
-        ours = min(time_litllm(llm, prompt_ids, args.new_tokens) for _ in range(args.repeats))
+        eager = LLM.load(args.checkpoint_dir, dtype=dtype)
+        compiled = LLM(eager.model, eager.tokenizer, eager.checkpoint_dir, compile=True)
+        prompt_ids = eager.tokenizer.encode_chat(PROMPT)
+        time_transformers(hf, prompt_ids, 8), time_litllm(eager, prompt_ids, 8)  # warm-up
+        compile_seconds = time_litllm(compiled, prompt_ids, 8)[0]  # compiles the decode step
         theirs = min(time_transformers(hf, prompt_ids, args.new_tokens) for _ in range(args.repeats))
+        ours = min(time_litllm(eager, prompt_ids, args.new_tokens) for _ in range(args.repeats))
+        ours_compiled = min(time_litllm(compiled, prompt_ids, args.new_tokens) for _ in range(args.repeats))
         same = sum(a == b for a, b in zip(ours[1], theirs[1]))
-        rows.append((dtype_name, args.new_tokens / theirs[0], args.new_tokens / ours[0],
-                     theirs[0] / ours[0], f"{same}/{args.new_tokens}"))
+        same_compiled = ours_compiled[1] == ours[1]
+        rows.append((dtype_name, args.new_tokens / theirs[0], args.new_tokens / ours[0], theirs[0] / ours[0],
+                     args.new_tokens / ours_compiled[0], theirs[0] / ours_compiled[0], compile_seconds,
+                     f"{same}/{args.new_tokens}", "yes" if same_compiled else "no"))
         print(rows[-1], file=sys.stderr)
-        del llm, hf
+        del eager, compiled, hf
 
-    header = ["dtype", "transformers tok/s", "litllm tok/s", "speed-up", "same greedy tokens"]
+    header = ["dtype", "transformers tok/s", "litllm tok/s", "speed-up", "litllm compiled tok/s",
+              "speed-up compiled", "compile s", "greedy tokens equal to transformers'", "compiled = eager"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
-    for name, hf_tps, ours_tps, ratio, same in rows:
-        lines.append(f"| {name} | {hf_tps:.1f} | {ours_tps:.1f} | {ratio:.2f}x | {same} |")
+    for name, hf_tps, tps, ratio, ctps, cratio, compile_s, same, same_compiled in rows:
+        lines.append(f"| {name} | {hf_tps:.1f} | {tps:.1f} | {ratio:.2f}x | {ctps:.1f} | {cratio:.2f}x | "
+                     f"{compile_s:.0f} | {same} | {same_compiled} |")
     table = "\n".join(lines)
     print(table)
     append_results(
         title=f"Greedy decode, {args.checkpoint_dir.name}, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens",
         command="python " + " ".join(sys.argv),
         table=table,
-        notes=f"{machine()}; best of {args.repeats} runs per side after a warm-up; batch 1.",
+        notes=f"{machine()}; best of {args.repeats} runs per side after a warm-up; batch 1. 'compiled' is "
+              "`LLM.load(..., compile=True)` (`--compile true`): the decode step under torch.compile; 'compile s' "
+              "is its one-off cost. In bfloat16/float16 greedy tokens can part from transformers' where two "
+              "logits tie within half-precision rounding.",
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -137,11 +138,14 @@ def prepare_out_dir(out_dir: Path, resume: bool | Literal["auto"], overwrite: bo
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint (`step-NNNNNN` or `final`) under out_dir; temp dirs never count."""
-    complete = [d for d in out_dir.glob("step-*") if (d / STATE_FILE).is_file()]
+    """The newest complete checkpoint under out_dir: `final`, else the highest `step-NNNNNN`.
+
+    Complete means renamed into place with its training state; a killed run's temp dirs never count.
+    """
     if (out_dir / "final" / STATE_FILE).is_file():
-        complete.append(out_dir / "final")
-    return max(complete, key=lambda d: torch.load(d / STATE_FILE, weights_only=True)["step"], default=None)
+        return out_dir / "final"
+    steps = [d for d in out_dir.glob("step-*") if (d / STATE_FILE).is_file()]
+    return max(steps, key=lambda d: int(d.name.removeprefix("step-")), default=None)
 
 
 def build_optimizer(params, name: str, args: TrainArgs) -> torch.optim.Optimizer:
@@ -168,27 +172,82 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def setup_training(fabric: L.Fabric, model, optimizer: str, args: TrainArgs, n_examples: int,
+                   resume_from: Path | None):
+    """Hand the model to Fabric, build optimizer and schedule, and restore their state when resuming."""
+    model.activation_checkpointing = args.activation_checkpointing
+    model = fabric.setup_module(model)
+    optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, args))
+    scheduler = build_scheduler(optim, args, args.total_steps(n_examples))
+    progress = Progress()
+    if resume_from:
+        progress = load_training_state(resume_from, optim, scheduler)
+        fabric.print(f"Resuming from {resume_from} (step {progress.step})")
+    return model, optim, scheduler, progress
+
+
 # ------------------------------------------------------------------------------------------ loss
 
 
 def chunked_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Summed next-token cross-entropy over the target tokens (labels != -100).
 
-    Only target positions go through lm_head, in chunks under activation checkpointing: the float32
-    logits of a 50k-150k vocabulary exist for one chunk at a time, in forward and in backward.
+    Only target positions go through lm_head, a chunk at a time: the float32 logits of a 50k-150k
+    vocabulary exist for one chunk only, never for the whole batch.
     """
     hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))  # position t predicts token t + 1
     targets = labels[:, 1:].reshape(-1)
     keep = targets != -100
     hidden, targets = hidden[keep], targets[keep]
+    lm_head = model.lm_head
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+        return LinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_size)
+    # lm_head is wrapped (LoRA on lm_head): checkpoint each chunk, recomputing its logits in backward
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
-        total = total + checkpoint(_chunk_loss, model.lm_head, h, t, use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, lm_head, h, t, use_reentrant=False)
     return total
 
 
 def _chunk_loss(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) with its gradients computed chunk by chunk in forward.
+
+    d loss / d logits = softmax(logits) - onehot(target) is known as soon as a chunk's logits are, so the
+    gradients for hidden (and weight) are accumulated right away and the logits freed: no logits are kept
+    for backward and none are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.size(0), chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h @ weight.T).float()  # (chunk, vocab)
+            log_z = logits.logsumexp(dim=-1)
+            total += (log_z - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            if needs_grad:
+                grad_logits = logits.sub_(log_z.unsqueeze(1)).exp_()  # softmax, in place
+                grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
+                grad_logits = grad_logits.to(h.dtype)
+                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -207,3 +207,28 @@ def test_bad_data_row_and_unknown_key_are_one_line_errors(tiny_chat_model_dir, t
     assert f"{bad}:2: missing key 'output'" in result.stderr.strip().splitlines()[-1]
     result = litllm("finetune", "lora", tiny_chat_model_dir, "--lora.rank", "4")
     assert result.returncode == 2 and "--lora.r" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains):
+    from litllm.training import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(32, 1000, bias=False).requires_grad_(weight_trains)
+    model = torch.nn.Module()
+    model.lm_head = lm_head
+    hidden = torch.randn(3, 17, 32, requires_grad=True)
+    labels = torch.randint(0, 1000, (3, 17))
+    labels[0, :5] = -100  # a masked prompt
+    ours = chunked_cross_entropy(model, hidden, labels, chunk_size=7)
+    ours.backward()
+    ours_grads = [hidden.grad.clone()] + ([lm_head.weight.grad.clone()] if weight_trains else [])
+    hidden.grad, lm_head.weight.grad = None, None
+    logits = lm_head(hidden[:, :-1]).float()
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    expected.backward()
+    expected_grads = [hidden.grad] + ([lm_head.weight.grad] if weight_trains else [])
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-6)
+    for a, b in zip(ours_grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -14,10 +14,7 @@ from typing import Literal
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
 from litllm.data import Alpaca, SFTData
 from litllm.tokenizer import Tokenizer
-from litllm.training import (
-    TrainArgs, build_optimizer, build_scheduler, fit, load_training_state, model_dtype, prepare_data,
-    prepare_out_dir, Progress, setup_fabric,
-)
+from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
 
 
 def setup(
@@ -56,13 +53,7 @@ def setup(
 
     # a resumed run reads its weights from its own checkpoint, which is a complete HF model dir
     model = load_model(resume_from or checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
-    model.activation_checkpointing = train.activation_checkpointing
-    model = fabric.setup_module(model)
-    optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, train))
-    scheduler = build_scheduler(optim, train, train.total_steps(len(train_data)))
-    progress = load_training_state(resume_from, optim, scheduler) if resume_from else Progress()
-    if resume_from:
-        fabric.print(f"Resuming from {resume_from} (step {progress.step})")
+    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
     def save_weights(directory: Path) -> None:
         write_model_files(model.module, directory)

@@ -16,10 +16,7 @@ from litllm.data import Alpaca, SFTData
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, save_adapter
 from litllm.quantize import quantize_model
 from litllm.tokenizer import Tokenizer
-from litllm.training import (
-    TrainArgs, build_optimizer, build_scheduler, fit, load_training_state, model_dtype, prepare_data,
-    prepare_out_dir, Progress, setup_fabric,
-)
+from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
 
 
 def setup(
@@ -67,14 +64,8 @@ def setup(
         lora = load_adapter(model, resume_from)
     else:
         apply_lora(model, lora)
-    model.activation_checkpointing = train.activation_checkpointing
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
-    model = fabric.setup_module(model)
-    optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, train))
-    scheduler = build_scheduler(optim, train, train.total_steps(len(train_data)))
-    progress = load_training_state(resume_from, optim, scheduler) if resume_from else Progress()
-    if resume_from:
-        fabric.print(f"Resuming from {resume_from} (step {progress.step})")
+    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
     def save_weights(directory: Path) -> None:
         save_adapter(model.module, lora, directory, base_checkpoint=checkpoint_dir)
