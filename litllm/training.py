@@ -88,18 +88,27 @@ def default_precision() -> str:
 
 def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int = 1) -> L.Fabric:
     """Fabric with the chosen precision and a logger writing under out_dir/logs."""
+    import importlib.util
+
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
-    # flushed every log, so a killed run keeps its metrics up to the kill
-    loggers = {"csv": lambda: CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1),
-               "tensorboard": lambda: TensorBoardLogger(out_dir, name="logs")}
+    needs = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(logger)
+    if needs and importlib.util.find_spec(needs) is None:
+        raise UserError(f"--logger {logger} needs the {needs} package: pip install {needs}")
     if logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
-
-        loggers["wandb"] = lambda: WandbLogger(project="litllm", save_dir=out_dir)
+    loggers = {
+        # flushed at every log, so a killed run keeps its metrics up to the kill
+        "csv": lambda: CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1),
+        "tensorboard": lambda: TensorBoardLogger(out_dir, name="logs"),
+        "wandb": lambda: WandbLogger(project="litllm", save_dir=out_dir),
+    }
     if logger not in loggers:
         raise UserError(f"--logger {logger!r} is not one of csv, tensorboard, wandb")
-    fabric = L.Fabric(devices=devices, precision=precision or default_precision(), loggers=[loggers[logger]()])
+    try:
+        fabric = L.Fabric(devices=devices, precision=precision or default_precision(), loggers=[loggers[logger]()])
+    except ValueError as e:  # Fabric's message lists the valid precisions
+        raise UserError(f"--precision: {' '.join(str(e).split())}") from None
     fabric.launch()
     return fabric
 
