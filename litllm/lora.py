@@ -86,7 +86,8 @@ class LoRALinear(nn.Module):
             return result
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
-            return (result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(result.dtype)
+            # scaled in rank space (r columns, not out_features): the same product, fewer multiplications
+            return (result + self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)).to(result.dtype)
         return (result + self._dora_extra(x, result)).to(result.dtype)
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
