@@ -49,7 +49,7 @@ def litllm_step(args):
 
     from litllm.checkpoint import load_model
     from litllm.lora import LoRAConfig, apply_lora
-    from litllm.training import TrainArgs, accumulate_gradients, build_optimizer, model_dtype
+    from litllm.training import NextTokenLoss, TrainArgs, accumulate_gradients, build_optimizer, model_dtype
 
     fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
     model = load_model(args.checkpoint_dir, dtype=model_dtype(fabric))
@@ -58,10 +58,10 @@ def litllm_step(args):
     model.train()
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model.parameters(), "AdamW", TrainArgs(lr=args.lr)))
-    chunk_size = TrainArgs().loss_chunk_size
+    objective = NextTokenLoss(TrainArgs().loss_chunk_size)
 
     def step(batch: dict) -> float:
-        loss = accumulate_gradients(fabric, model, [batch], chunk_size)
+        loss = accumulate_gradients(fabric, model, [batch], objective)["loss"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss

@@ -65,14 +65,6 @@ class TrainArgs:
     activation_checkpointing: bool = False
     loss_chunk_size: int = 1024
 
-    def accumulation_steps(self) -> int:
-        if self.global_batch_size % self.micro_batch_size:
-            raise UserError(
-                f"--train.global_batch_size {self.global_batch_size} is not a multiple of "
-                f"--train.micro_batch_size {self.micro_batch_size}"
-            )
-        return self.global_batch_size // self.micro_batch_size
-
     def total_steps(self, n_examples: int) -> int:
         return self.max_steps or max(1, math.ceil(self.epochs * n_examples / self.global_batch_size))
 
@@ -269,6 +261,25 @@ def sft_loss(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Te
     return chunked_cross_entropy(model, hidden, batch["labels"], chunk_size)
 
 
+class NextTokenLoss:
+    """The objective of fine-tuning and pretraining: cross-entropy of each target token.
+
+    An objective is what `fit` minimizes: `objective(model, batch)` returns the loss *summed* over the
+    batch's units and a dict of metric sums; `objective.count(batch)` the number of units (here target
+    tokens; preference pairs for DPO). fit divides by the units of the whole optimizer step, over all
+    devices, so gradient accumulation and data parallelism equal one large batch.
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return sft_loss(model, batch, self.chunk_size), {}
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_targets(batch)
+
+
 # ------------------------------------------------------------------------------------------ data order
 
 
@@ -281,15 +292,35 @@ class Progress:
     position: int = 0  # examples of this epoch already consumed
 
 
-def micro_batches(dataset, batch_size: int, seed: int, progress: Progress) -> Iterator[dict]:
-    """Micro-batches in a shuffled order fixed by (seed, epoch), starting at `progress`; advances it."""
+def step_batches(dataset, args: TrainArgs, seed: int, progress: Progress, rank: int = 0,
+                 world_size: int = 1) -> Iterator[list[dict]]:
+    """For each optimizer step, this device's micro-batches; advances `progress` by one global batch.
+
+    The order is a shuffle fixed by (seed, epoch). Each step takes the next global_batch_size examples
+    (running on into the next epoch's order at the end of one); device `rank` gets its contiguous share,
+    cut into micro-batches. So N devices see exactly the examples one device would, split N ways.
+    """
+    per_device = args.global_batch_size // world_size
+    if per_device * world_size != args.global_batch_size or per_device % args.micro_batch_size:
+        raise UserError(
+            f"--train.global_batch_size {args.global_batch_size} must be a multiple of "
+            f"--train.micro_batch_size {args.micro_batch_size} x {world_size} device(s)"
+        )
+    order, order_epoch = None, None
     while True:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + progress.epoch))
-        while progress.position < len(order):
-            indices = order[progress.position:progress.position + batch_size].tolist()
-            progress.position += len(indices)
-            yield dataset.collate([dataset[i] for i in indices])
-        progress.epoch, progress.position = progress.epoch + 1, 0
+        indices: list[int] = []
+        while len(indices) < args.global_batch_size:
+            if order_epoch != progress.epoch:
+                order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + progress.epoch))
+                order_epoch = progress.epoch
+            taken = order[progress.position:progress.position + args.global_batch_size - len(indices)].tolist()
+            indices += taken
+            progress.position += len(taken)
+            if progress.position >= len(order):
+                progress.epoch, progress.position = progress.epoch + 1, 0
+        mine = indices[rank * per_device:(rank + 1) * per_device]
+        yield [dataset.collate([dataset[i] for i in mine[start:start + args.micro_batch_size]])
+               for start in range(0, per_device, args.micro_batch_size)]
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -307,18 +338,23 @@ def fit(
     out_dir: Path,
     save_weights: Callable[[Path], None],
     progress: Progress,
+    objective=None,
 ) -> None:
-    """forward, loss, backward, step; log, validate, save. `save_weights(dir)` writes the model's files."""
-    accumulation = args.accumulation_steps()
+    """forward, loss, backward, step; log, validate, save. `save_weights(dir)` writes the model's files.
+
+    `objective` is what is minimized (default: NextTokenLoss); its metrics are logged beside the loss.
+    """
+    objective = objective or NextTokenLoss(args.loss_chunk_size)
     total_steps = args.total_steps(len(train_data))
     model.train()  # checkpoints load in eval mode; dropout and activation checkpointing need train mode
-    batches = micro_batches(train_data, args.micro_batch_size, seed, progress)
+    batches = step_batches(train_data, args, seed, progress, fabric.global_rank, fabric.world_size)
     tokens, started = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="Training", disable=not sys.stderr.isatty())
+    bar = tqdm(total=total_steps, initial=progress.step, desc="Training",
+               disable=not sys.stderr.isatty() or fabric.global_rank > 0)
     while progress.step < total_steps:
-        micro = [next(batches) for _ in range(accumulation)]
-        step_loss = accumulate_gradients(fabric, model, micro, args.loss_chunk_size)
-        tokens += sum(batch["input_ids"].numel() for batch in micro)
+        micro = next(batches)
+        step_metrics = accumulate_gradients(fabric, model, micro, objective)
+        tokens += sum(batch["input_ids"].numel() for batch in micro) * fabric.world_size
         if args.grad_clip is not None:
             fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
         optimizer.step()
@@ -326,62 +362,79 @@ def fit(
         scheduler.step()
         progress.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4f}")
 
         metrics = {}
         if progress.step % args.log_interval == 0 or progress.step == total_steps:
             elapsed = time.perf_counter() - started
-            metrics.update(loss=step_loss, lr=scheduler.get_last_lr()[0], tokens_per_sec=tokens / elapsed,
+            metrics.update(step_metrics, lr=scheduler.get_last_lr()[0], tokens_per_sec=tokens / elapsed,
                            peak_memory_gb=peak_memory_gb(fabric.device))
         if val_data is not None and len(val_data) and (
             (args.eval_interval and progress.step % args.eval_interval == 0) or progress.step == total_steps
         ):
-            metrics["val_loss"] = validate(fabric, model, val_data, args)
+            val_metrics = validate(fabric, model, val_data, args, objective)
+            metrics.update({f"val_{name}": value for name, value in val_metrics.items()})
             fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}")
         if metrics:
             fabric.log_dict({"step": progress.step, **metrics}, step=progress.step)
             if not sys.stderr.isatty():  # CI and pipes get a plain line per log instead of a bar
                 fabric.print(" ".join(f"{k} {v:.4g}" for k, v in {"step": progress.step, **metrics}.items()))
         if args.save_interval and progress.step % args.save_interval == 0 and progress.step < total_steps:
-            save_training_checkpoint(out_dir / f"step-{progress.step:06d}", save_weights, optimizer, scheduler, progress)
+            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, optimizer,
+                                     scheduler, progress)
     bar.close()
-    save_training_checkpoint(out_dir / "final", save_weights, optimizer, scheduler, progress)
+    save_training_checkpoint(fabric, out_dir / "final", save_weights, optimizer, scheduler, progress)
     for logger in fabric.loggers:
         logger.finalize("success")
 
 
-def accumulate_gradients(fabric: L.Fabric, model, micro_batches: list[dict], chunk_size: int) -> float:
-    """Forward and backward over the micro-batches of one optimizer step; returns the step's mean token loss.
+def accumulate_gradients(fabric: L.Fabric, model, micro_batches: list[dict], objective) -> dict[str, float]:
+    """Forward and backward over this device's micro-batches of one optimizer step.
 
-    Each micro-batch's summed loss is divided by the target tokens of the whole step, so the accumulated
-    gradient equals that of one large batch, however unevenly the targets fall between micro-batches.
+    Each micro-batch's summed loss is divided by the units (target tokens, pairs) of the whole step on all
+    devices, and multiplied by the device count because data parallelism averages gradients: the result
+    equals one large batch, however unevenly the units fall between micro-batches and devices.
+    Returns the step's mean loss and metrics over all devices.
     """
-    n_targets = max(1, sum(count_targets(batch) for batch in micro_batches))
-    step_loss = 0.0
+    n_local = float(sum(objective.count(batch) for batch in micro_batches))
+    n_units = fabric.all_reduce(torch.tensor(n_local, device=fabric.device), reduce_op="sum")
+    n_units = max(1.0, float(n_units))
+    sums: dict[str, float] = {"loss": 0.0}
     for i, batch in enumerate(micro_batches):
         batch = {k: fabric.to_device(v) for k, v in batch.items()}
         # gradients sync across devices only on the last micro-batch
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1), fabric.autocast():
-            loss = sft_loss(model, batch, chunk_size) / n_targets
-        fabric.backward(loss)
-        step_loss += loss.item()
-    return step_loss
+            loss, metrics = objective(model, batch)
+        fabric.backward(loss * (fabric.world_size / n_units))
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+    return mean_over_devices(fabric, sums, n_units)
+
+
+def mean_over_devices(fabric: L.Fabric, sums: dict[str, float], count: float) -> dict[str, float]:
+    totals = fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device),
+                               reduce_op="sum")
+    return {name: float(total) / count for name, total in zip(sums, totals)}
 
 
 @torch.no_grad()
-def validate(fabric: L.Fabric, model, val_data, args: TrainArgs) -> float:
+def validate(fabric: L.Fabric, model, val_data, args: TrainArgs, objective) -> dict[str, float]:
+    """Mean loss and metrics over the validation set (every device computes the same numbers)."""
     model.eval()
-    total, count = 0.0, 0
+    sums: dict[str, float] = {"loss": 0.0}
+    count = 0
     for i in range(0, len(val_data), args.micro_batch_size):
         if args.eval_max_batches is not None and i // args.micro_batch_size >= args.eval_max_batches:
             break
         batch = val_data.collate([val_data[j] for j in range(i, min(i + args.micro_batch_size, len(val_data)))])
         batch = {k: fabric.to_device(v) for k, v in batch.items()}
         with fabric.autocast():
-            total += sft_loss(model, batch, args.loss_chunk_size).item()
-        count += count_targets(batch)
+            loss, metrics = objective(model, batch)
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        count += objective.count(batch)
     model.train()
-    return total / max(count, 1)
+    return {name: total / max(count, 1) for name, total in sums.items()}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -393,8 +446,18 @@ def peak_memory_gb(device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------ save / resume
 
 
-def save_training_checkpoint(directory: Path, save_weights, optimizer, scheduler, progress: Progress) -> None:
-    """Weights (HF dir or PEFT adapter) plus everything an exact resume needs, in one atomic directory."""
+def save_training_checkpoint(fabric: L.Fabric, directory: Path, save_weights, optimizer, scheduler,
+                             progress: Progress) -> None:
+    """Weights (HF dir or PEFT adapter) plus everything an exact resume needs, in one atomic directory.
+
+    Written by the first process only: data-parallel replicas hold identical weights and optimizer state.
+    """
+    if fabric.global_rank == 0:
+        _write_checkpoint(directory, save_weights, optimizer, scheduler, progress)
+    fabric.barrier()
+
+
+def _write_checkpoint(directory: Path, save_weights, optimizer, scheduler, progress: Progress) -> None:
     with atomic_dir(directory) as tmp:
         save_weights(tmp)
         state = {
