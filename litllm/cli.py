@@ -19,7 +19,8 @@ def commands() -> dict:
         "chat": generate.chat,
         "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize).",
                      "full": full.setup, "lora": lora.setup},
-        "convert": {"_help": "Convert checkpoints between formats.", "from_gguf": convert.from_gguf},
+        "convert": {"_help": "Convert checkpoints between formats: GGUF in and out, LoRA adapters merged.",
+                    "from_gguf": convert.from_gguf, "to_gguf": convert.to_gguf, "merge_lora": convert.merge_lora},
     }
 
 

@@ -191,9 +191,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------ PEFT files
 
 
-def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_checkpoint: Path) -> Path:
+def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_checkpoint: Path,
+                 quantize: str | None = None) -> Path:
     """Write a PEFT adapter dir (adapter_config.json, adapter_model.safetensors) and litllm.json naming
-    the base checkpoint."""
+    the base checkpoint and, for QLoRA, how the base was quantized during training."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_checkpoint = str(Path(base_checkpoint).resolve())
@@ -226,7 +227,8 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_check
         "auto_mapping": None,
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-    (out_dir / "litllm.json").write_text(json.dumps({"base_checkpoint": base_checkpoint}, indent=2) + "\n")
+    litllm_info = {"base_checkpoint": base_checkpoint, **({"quantize": quantize} if quantize else {})}
+    (out_dir / "litllm.json").write_text(json.dumps(litllm_info, indent=2) + "\n")
     return out_dir
 
 

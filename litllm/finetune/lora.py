@@ -68,7 +68,7 @@ def setup(
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
     def save_weights(directory: Path) -> None:
-        save_adapter(model.module, lora, directory, base_checkpoint=checkpoint_dir)
+        save_adapter(model.module, lora, directory, base_checkpoint=checkpoint_dir, quantize=quantize)
         copy_tokenizer_files(checkpoint_dir, directory)
 
     fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress)
