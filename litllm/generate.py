@@ -83,33 +83,57 @@ def check_length(prompt_len: int, max_new_tokens: int, context: int) -> int:
 
 
 def stream_text(tokenizer, tokens: Iterable[int], stop: list[str] | None = None) -> Iterator[str]:
-    """Turn a token stream into text pieces, ending before any stop id or stop string.
+    """Turn a token stream into text pieces, ending before any stop id or stop string (see TextStream)."""
+    text = TextStream(tokenizer, stop)
+    for token in tokens:
+        if piece := text.add(token):
+            yield piece
+        if text.finished:
+            return
+    if piece := text.flush():
+        yield piece
+
+
+class TextStream:
+    """The text of a growing token sequence, one piece per token, ending before any stop id or stop string.
 
     Text is re-decoded from all tokens so far (a Korean syllable can span tokens); a piece is held back
-    while it ends in a partial UTF-8 character or could be the start of a stop string.
+    while it ends in a partial UTF-8 character or could be the start of a stop string. Tokens are pushed
+    in (`add`), so a server can feed many sequences from one decoding loop.
     """
-    stop = [s for s in stop or [] if s]
-    stop_ids = set(tokenizer.stop_ids)
-    ids: list[int] = []
-    emitted = 0
-    text = ""
-    for token in tokens:
-        if token in stop_ids:
-            break
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        hits = [h for h in (text.find(s, emitted) for s in stop) if h >= 0]
+
+    def __init__(self, tokenizer, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop or [] if s]
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finished = False  # a stop id or stop string was reached: add no more tokens
+
+    def add(self, token: int) -> str:
+        """The new text that `token` makes safe to show ("" while it is held back)."""
+        if token in self.stop_ids:
+            self.finished = True
+            return self.flush()
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.text.endswith("\ufffd"):
+            return ""
+        hits = [h for h in (self.text.find(s, self.emitted) for s in self.stop) if h >= 0]
         if hits:
-            yield text[emitted:min(hits)]
-            return
-        safe = len(text) - _partial_stop_length(text, stop)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+            self.finished = True
+            piece, self.emitted = self.text[self.emitted:min(hits)], len(self.text)
+            return piece
+        safe = len(self.text) - _partial_stop_length(self.text, self.stop)
+        piece = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        """The text held back so far, once no more tokens will come."""
+        piece, self.emitted = self.text[self.emitted:], len(self.text)
+        return piece
 
 
 def _partial_stop_length(text: str, stop: list[str]) -> int:

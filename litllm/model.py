@@ -45,15 +45,20 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
+        cache_rows: slice | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32, or with `return_hidden` the final normed hidden states
         (B, T, hidden_size), which training turns into a loss chunk by chunk (see training.py).
 
         Without `input_pos` this is one causal pass over the whole sequence (training, scoring). With
         `input_pos` (T,) the tokens are written into the KV cache at those positions and attend to
-        everything cached so far (prefill, then one token per decode step). Packed training rows pass
-        `position_ids` and `document_ids` (B, T): positions restart and attention stops at each
-        document boundary, so packed documents never see each other.
+        everything cached so far (prefill, then one token per decode step). With `input_pos` (B, T) each
+        row sits at its own positions and attends only to the cache up to the longest row (a server decodes
+        sequences of different lengths together); `cache_rows` says which rows of the KV cache the B input
+        rows are (default: all of them, in order), so one request can be prefilled into its own row.
+
+        Packed training rows pass `position_ids` and `document_ids` (B, T): positions restart and attention
+        stops at each document boundary, so packed documents never see each other.
         """
         T = input_ids.size(1)
         window = self.config.sliding_window
@@ -62,6 +67,10 @@ class GPT(nn.Module):
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_kv_cache(...) first")
             positions = input_pos
             mask = self.mask_cache[input_pos]  # (T, max_seq_len): what each new token may attend to
+            if input_pos.dim() == 2:
+                # attention reads only the cached positions some row has reached, not the whole cache
+                kv_len = int(input_pos.max()) + 1
+                mask = mask[..., :kv_len].unsqueeze(1)  # (B, 1, T, kv_len)
         elif document_ids is not None:
             positions = position_ids
             same_document = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
@@ -78,7 +87,7 @@ class GPT(nn.Module):
                 # keep only each block's input; recompute its insides during backward
                 x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos)
+                x = block(x, cos, sin, mask, input_pos, cache_rows)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x).float()
 
@@ -120,8 +129,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, cache_rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache_rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -141,7 +150,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, cache_rows=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -151,7 +160,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_heads or n_kv_heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, max_seq_len, head_dim)
+            if mask.size(-1) < k.size(2):  # per-row positions: only as far as the longest row (see GPT.forward)
+                k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
             q = q.to(k.dtype)  # the cache may be float32 (see setup_kv_cache)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
@@ -166,11 +177,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # in place at the new positions: the cache is allocated once, never grown
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice | None = None):
+        """Write k, v (B, n_kv_heads, T, head_dim) at `input_pos`, (T,) or per row (B, T), into cache `rows`."""
+        # in place at the new positions: the cache is allocated once, never grown; a slice of rows is a view
+        cache_k, cache_v = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
+        if input_pos.dim() == 1:
+            cache_k.index_copy_(2, input_pos, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, input_pos, v.to(cache_v.dtype))
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)  # (B, n_kv_heads, T, head_dim)
+            cache_k.scatter_(2, index, k.to(cache_k.dtype))
+            cache_v.scatter_(2, index, v.to(cache_v.dtype))
+        return cache_k, cache_v
 
 
 class MLP(nn.Module):
