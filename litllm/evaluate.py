@@ -1,0 +1,388 @@
+"""lm-evaluation-harness over the litllm model: the `litllm` lm-eval backend and `litllm evaluate`.
+
+`LitLLM` is an lm-eval `LM` registered as model `litllm` (`lm_eval --model litllm --model_args pretrained=DIR`
+works once this module is imported). It runs litllm's own GPT, no conversion to transformers, and tokenizes as
+lm-eval's `hf` backend does (lm_eval/api/model.py `TemplateLM`, lm_eval/models/huggingface.py `HFLM`), so the
+numbers are the `hf` backend's up to float32 rounding.
+
+Multiple-choice questions score several continuations of one context. Here every distinct context runs through
+the model once, into the KV cache, and its continuations then run on copies of that cache: a 4-choice question
+costs one context plus four short continuations instead of four whole sequences. Only the scored positions go
+through the output layer and log-softmax (a 49k-word vocabulary makes that a fifth of a small model's work).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from litllm.checkpoint import check_checkpoint_dir, load_model, parse_dtype
+from litllm.errors import UserError
+from litllm.generate import generate_tokens, stream_text
+from litllm.lora import load_adapter
+from litllm.model import GPT
+from litllm.tokenizer import Tokenizer
+
+# generation_kwargs a task may set that litllm's sampler understands (lm-eval normalizes max_new_tokens & co.
+# into max_gen_toks, and do_sample/temperature into each other)
+_GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+
+
+@register_model("litllm")
+class LitLLM(TemplateLM):
+    """An lm-eval model over a Hugging Face checkpoint dir, run by litllm.
+
+    `adapter` is a LoRA adapter dir (PEFT format); its layers stay separate from the base weights (not merged),
+    so what is evaluated is exactly what training produced. `batch_size` is how many contexts of equal length
+    share one forward pass, and how many continuations of each run together on the cached contexts.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | Path,
+        adapter: str | Path | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise UserError(f"batch_size must be a positive integer, not {batch_size!r} (litllm has no 'auto')")
+        checkpoint_dir = check_checkpoint_dir(pretrained)
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # float32 on CPU, as LLM.load: CPU matmuls in half precision are slower and less exact
+        dtype = parse_dtype(dtype) or (torch.float32 if self._device.type == "cpu" else None)
+        self.model: GPT = load_model(checkpoint_dir, dtype=dtype, device=self._device)
+        if adapter is not None:
+            load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
+        if self._device.type == "cpu" and self.model.embed_tokens.weight.dtype == torch.float32:
+            from litllm.api import column_major_weights
+
+            column_major_weights(self.model)
+        self.tokenizer = Tokenizer(checkpoint_dir)
+        self.checkpoint_dir = checkpoint_dir
+        self.adapter = adapter
+        self.batch_size = int(batch_size)
+        self._max_length = max_length or self.model.config.max_seq_len
+
+    # ------------------------------------------------------------------------------ what lm-eval asks for
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # HFLM.prefix_token_id: the token an empty context (and each rolling window) is conditioned on
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        # HFLM: the config's max_position_embeddings
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256  # HFLM's default for tasks that name none
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.checkpoint_dir).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        """HFLM.tok_encode: the tokenizer's own special tokens unless told otherwise, and none when the text
+        already starts with the prefix token's text (a chat-templated prompt that writes its own BOS)."""
+        if add_special_tokens is None:
+            add_special_tokens = not string.startswith(self.tokenizer.decode([self.prefix_token_id]))
+        ids = self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """HFLM.apply_chat_template: the checkpoint's template; without a generation prompt the last message is
+        continued (transformers' continue_final_message), and a template that rejects system messages is
+        rendered without them."""
+        try:
+            return self._render_chat(chat_history, add_generation_prompt)
+        except UserError:
+            return self._render_chat([m for m in chat_history if m["role"] != "system"], add_generation_prompt)
+
+    def _render_chat(self, chat_history: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        rendered = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        if add_generation_prompt:
+            return rendered
+        # transformers' continue_final_message: cut the text after the final message, keeping its own spacing
+        final = chat_history[-1]["content"]
+        start = rendered.rindex(final.strip())
+        if rendered[start:start + len(final.lstrip())] == final:
+            return rendered[:start + len(final.lstrip())]
+        return rendered[:start + len(final.strip())]
+
+    def get_model_info(self) -> dict:
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.embed_tokens.weight.dtype),
+            "adapter": str(self.adapter) if self.adapter else None,
+        }
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents, in HFLM's windows: the first conditioned on the prefix token, each
+        later one on as much preceding text as fits (lm_eval.utils.get_rolling_token_windows)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owners = [], []
+        for index, (string,) in enumerate(req.args for req in requests):
+            for window in get_rolling_token_windows(token_list=self.tok_encode(string),
+                                                    prefix_token=self.prefix_token_id,
+                                                    max_seq_len=self.max_length, context_len=1):
+                windows.append((None, *make_disjoint_window(window)))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[owner] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    @torch.inference_mode()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is the continuation the greedy one) per (key, context, continuation).
+
+        The model input is HFLM's: (context + continuation)[-(max_length + 1):][:-1], i.e. too long a request
+        loses tokens on the left. Requests are grouped by what precedes their continuation in that input.
+        """
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            whole = (context + continuation)[-(self.max_length + 1):]
+            by_context.setdefault(tuple(whole[:len(whole) - len(continuation)]), []).append(index)
+        # longest first, as lm-eval does: a too-large batch fails at once, and the progress bar over-estimates
+        contexts = sorted(by_context, key=lambda c: (-len(c), c))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
+        for batch in _equal_length_batches(contexts, self.batch_size):
+            members = [(row, index) for row, context in enumerate(batch) for index in by_context[context]]
+            scores = self._score_batch(batch, [requests[index][2] for _, index in members], [r for r, _ in members])
+            for (_, index), (logprob, greedy) in zip(members, scores):
+                results[index] = (logprob, greedy)
+                if requests[index][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
+            progress.update(len(members))
+        progress.close()
+        return results
+
+    def _score_batch(self, contexts: list[tuple[int, ...]], continuations: list[list[int]],
+                     context_rows: list[int]) -> list[tuple[float, bool]]:
+        """Score each continuation after its context (`context_rows[i]` indexes `contexts`, all of one length).
+
+        The contexts run once, as one batch, into the KV cache; the continuations then run on copies of their
+        context's cache rows, padded on the right. A padded position cannot change
+        a real one: attention is causal, so a real token never sees a later pad, and pads are never scored. (The
+        numbers can still move in the last float32 bit with the batch's shape, as matmul kernels pick their
+        blocking by size.)
+        """
+        model, device = self.model, self.device
+        context_len = len(contexts[0])
+        cache_len = context_len + max(len(c) for c in continuations) - 1
+        model.setup_kv_cache(batch_size=len(contexts), max_seq_len=cache_len)
+        try:
+            hidden = model(torch.tensor(contexts, device=device), torch.arange(context_len, device=device),
+                           return_hidden=True)[:, -1]  # (n_contexts, hidden_size): predicts each continuation's 1st
+            first = self._token_logprobs(hidden[context_rows], [c[:1] for c in continuations])
+            context_cache = [(block.attn.kv_cache.k, block.attn.kv_cache.v) for block in model.layers]
+            rest = [first[i][:, :0] for i in range(len(continuations))]
+            longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
+            # up to batch_size continuations per context: short answers of a batch of contexts run in one pass,
+            # while the many documents of one rolling-window context still go batch_size at a time
+            rows = self.batch_size * len(contexts)
+            for start in range(0, len(longer), rows):
+                chunk = longer[start:start + rows]
+                _set_kv_cache_rows(model, context_cache, torch.tensor([context_rows[i] for i in chunk], device=device))
+                inputs = [continuations[i][:-1] for i in chunk]
+                width = len(inputs[0])  # the longest: chunks are sorted by length
+                padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in inputs], device=device)
+                hidden = model(padded, torch.arange(context_len, context_len + width, device=device),
+                               return_hidden=True)  # (chunk, width, hidden_size)
+                real = torch.cat([hidden[row, :len(ids)] for row, ids in enumerate(inputs)])
+                for i, scored in zip(chunk, self._token_logprobs(real, [continuations[i][1:] for i in chunk])):
+                    rest[i] = scored
+        finally:
+            model.clear_kv_cache()
+        results = []
+        for head, tail in zip(first, rest):
+            logprobs, greedy = torch.cat([head, tail], dim=1)  # (2, len(continuation)): log p, is argmax
+            # summed in float32, as HFLM sums its float32 log-probs: over hundreds of tokens the rounding of
+            # the sum alone reaches 1e-4
+            results.append((float(logprobs.sum()), bool(greedy.all())))
+        return results
+
+    def _token_logprobs(self, hidden: torch.Tensor, targets: list[list[int]]) -> list[torch.Tensor]:
+        """For hidden states (sum of len(targets), hidden_size), per target row a (2, len(row)) float32 tensor:
+        log p of each target token, and 1 where it is the argmax. Log-softmax in float32 over the full
+        vocabulary, as HFLM."""
+        logprobs = F.log_softmax(self.model.lm_head(hidden).float(), dim=-1)  # (n_tokens, vocab)
+        flat = torch.tensor([t for row in targets for t in row], device=logprobs.device)
+        picked = logprobs.gather(1, flat.unsqueeze(1)).squeeze(1)
+        greedy = (logprobs.argmax(dim=-1) == flat).float()
+        return list(torch.stack([picked, greedy]).cpu().split([len(row) for row in targets], dim=1))
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Decode each request (greedy unless the task samples) until a stop string of the task, the EOS text
+        (lm-eval adds it to `until`), a stop token of the checkpoint, or `max_gen_toks` new tokens."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        eos_text = self.tokenizer.decode([self.eot_token_id])
+        outputs = []
+        for context, gen_kwargs in tqdm([req.args for req in requests], disable=disable_tqdm,
+                                        desc="Running generate_until requests"):
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            unknown = sorted(set(kwargs) - _GENERATION_KEYS)
+            if unknown:
+                raise UserError(f"generation_kwargs {unknown} are not supported by litllm "
+                                f"(supported: {', '.join(sorted(_GENERATION_KEYS))})")
+            until = handle_stop_sequences(kwargs["until"], eos=eos_text)
+            max_gen_toks = kwargs["max_gen_toks"]
+            # HFLM: the context is cut on the left to leave room for max_gen_toks new tokens
+            prompt_ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen_toks)
+            sampling = kwargs["do_sample"]
+            tokens = generate_tokens(self.model, prompt_ids, max_gen_toks,
+                                     temperature=kwargs["temperature"] if sampling else 0.0,
+                                     top_k=kwargs.get("top_k") if sampling else None,
+                                     top_p=kwargs.get("top_p", 1.0) if sampling else 1.0,
+                                     stop_ids=self.tokenizer.stop_ids)
+            text = "".join(stream_text(self.tokenizer, tokens, until))
+            tokens.close()  # a stop string can end the text before the token stream ends: free the KV cache now
+            outputs.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return outputs
+
+
+def _equal_length_batches(contexts: list[tuple[int, ...]], batch_size: int) -> Iterator[list[tuple[int, ...]]]:
+    """Consecutive runs of at most `batch_size` contexts of one length: they fill the KV cache in one pass
+    without padding, and their continuations then start at the same position."""
+    batch: list[tuple[int, ...]] = []
+    for context in contexts:
+        if batch and (len(batch) == batch_size or len(context) != len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(context)
+    if batch:
+        yield batch
+
+
+def _set_kv_cache_rows(model: GPT, context_cache: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> None:
+    """Give every layer a KV cache whose row i is a copy of the cached context `rows[i]`."""
+    for block, (keys, values) in zip(model.layers, context_cache):
+        block.attn.kv_cache.k = keys.index_select(0, rows)
+        block.attn.kv_cache.v = values.index_select(0, rows)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(
+    checkpoint_dir: Path,
+    tasks: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    include_path: Path | None = None,
+    apply_chat_template: bool = False,
+    adapter: Path | None = None,
+    out_dir: Path = Path("out/evaluate"),
+    log_samples: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+    seed: int = 1234,
+) -> dict:
+    """Evaluate a checkpoint with lm-evaluation-harness tasks; print the results table and save lm-eval's JSON.
+
+    Args:
+        checkpoint_dir: a Hugging Face model directory.
+        tasks: comma-separated lm-eval task or group names (`hellaswag,arc_easy`; `lm-eval ls tasks` lists them),
+            or task YAML files.
+        num_fewshot: examples in each prompt (default: the task's own number, else 0).
+        limit: evaluate only the first N documents of each task (a fraction below 1: that share of them).
+        batch_size: contexts, and continuations, per forward pass. It changes speed, not the numbers.
+        include_path: a folder of your own lm-eval task YAMLs. A relative `data_files` path in them is read
+            relative to this folder.
+        apply_chat_template: render prompts with the checkpoint's chat template (for instruct models).
+        adapter: a LoRA adapter directory (PEFT format) to evaluate on top of the checkpoint (not merged).
+        out_dir: results_<date>.json (and samples_<task>_<date>.jsonl with --log_samples) are written here.
+        log_samples: also save every document's prompt, model answers and scores.
+        dtype: float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's on GPU).
+        device: cpu or cuda (default: cuda when available).
+        seed: seed of python, numpy, torch and the few-shot sampler.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir).resolve()
+    if not tasks:
+        raise UserError("name the tasks to run: --tasks arc_easy,hellaswag (`lm-eval ls tasks` lists them)")
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise UserError(f"--include_path {include_path}: no such folder of task YAMLs")
+        include_path = Path(include_path).resolve()
+    # absolute, as tasks load from inside include_path (see _working_dir)
+    out_dir = Path(out_dir).resolve()
+    task_names = [Path(t).resolve().as_posix() if Path(t).is_file() else t for t in tasks.split(",") if t.strip()]
+    model_args = {"pretrained": str(checkpoint_dir), "dtype": dtype, "device": device,
+                  "adapter": str(Path(adapter).resolve()) if adapter else None}
+    model_args = {key: value for key, value in model_args.items() if value is not None}
+    task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=model_args)
+    unknown = [t for t in task_names if t not in task_manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        listing = f"lm-eval ls tasks --include_path {include_path}" if include_path else "lm-eval ls tasks"
+        raise UserError(f"unknown task(s) {', '.join(unknown)}: list the tasks with `{listing}`"
+                        + ("" if include_path else " (and give your own task YAMLs with --include_path DIR)"))
+    tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
+    with _working_dir(include_path):
+        results = simple_evaluate(
+            model="litllm", model_args=model_args, tasks=task_names, num_fewshot=num_fewshot, limit=limit,
+            batch_size=batch_size, log_samples=log_samples, evaluation_tracker=tracker,
+            apply_chat_template=apply_chat_template, task_manager=task_manager, random_seed=seed,
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    samples = results.pop("samples", None)
+    tracker.save_results_aggregated(results=results, samples=samples if log_samples else None)
+    if log_samples:
+        for task_name in results["configs"]:
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    written = sorted(out_dir.glob(f"*{tracker.date_id}*"))
+    if not any(path.name.startswith("results_") for path in written):
+        raise UserError(f"could not write the results under {out_dir}; is the folder writable?")
+    print(f"Saved {', '.join(str(path) for path in written)}")
+    return results
+
+
+@contextmanager
+def _working_dir(folder: Path | None) -> Iterator[None]:
+    """Run inside `folder`, if given: lm-eval hands a task's relative `data_files` to `datasets` unchanged, which
+    reads it relative to the working directory, so this makes them relative to the task folder."""
+    if folder is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
