@@ -203,11 +203,13 @@ def _read_sliding_window(hf: dict, model_type: str, where: str) -> int | None:
     return window if layer_types[0] == "sliding_attention" else None
 
 
+# Architectures to pretrain from scratch (`litllm pretrain --model_name NAME`). The vocabulary sizes fit the tokenizers
+# they are meant for (SmolLM2's 49,152 tokens, Llama 3's 128,256); PARAMETER_COUNTS says what each builds.
 NAMED_CONFIGS: dict[str, Config] = {
-    # ~10M parameters: trains on a laptop CPU in minutes
+    # a small Llama with SmolLM2's vocabulary: trains on a laptop CPU in minutes (the tied embedding is 9.4M of it)
     "llama-tiny": Config(
-        model_type="llama", vocab_size=49152, hidden_size=256, intermediate_size=768, n_layers=6,
-        n_heads=8, n_kv_heads=4, max_seq_len=1024, rope_theta=10000.0, tie_embeddings=True,
+        model_type="llama", vocab_size=49152, hidden_size=192, intermediate_size=512, n_layers=6,
+        n_heads=6, n_kv_heads=2, max_seq_len=1024, rope_theta=10000.0, tie_embeddings=True,
     ),
     "smollm2-135m": Config(
         model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
@@ -219,4 +221,12 @@ NAMED_CONFIGS: dict[str, Config] = {
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
     ),
+}
+
+# Parameters each named config builds, tied embeddings counted once (the published sizes of SmolLM2-135M and
+# Llama-3.2-1B); tests/test_pretrain.py checks them against litllm's model and transformers'.
+PARAMETER_COUNTS: dict[str, int] = {
+    "llama-tiny": 11_798_976,
+    "smollm2-135m": 134_515_008,
+    "llama-3.2-1b": 1_235_814_400,
 }

@@ -78,8 +78,13 @@ def default_precision() -> str:
     return "32-true"
 
 
-def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int = 1) -> L.Fabric:
-    """Fabric with the chosen precision and a logger writing under out_dir/logs."""
+def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int = 1, num_nodes: int = 1,
+                 strategy: Literal["auto", "ddp"] = "auto") -> L.Fabric:
+    """Fabric with the chosen precision, devices and strategy, and a logger writing under out_dir/logs.
+
+    Launched by `fabric run`, `torchrun` or SLURM, Fabric takes ranks and addresses from their environment; run
+    plainly with devices > 1, it starts the other processes itself.
+    """
     import importlib.util
 
     from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
@@ -98,7 +103,8 @@ def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int
     if logger not in loggers:
         raise UserError(f"--logger {logger!r} is not one of csv, tensorboard, wandb")
     try:
-        fabric = L.Fabric(devices=devices, precision=precision or default_precision(), loggers=[loggers[logger]()])
+        fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy,
+                          precision=precision or default_precision(), loggers=[loggers[logger]()])
     except ValueError as e:  # Fabric's message lists the valid precisions
         raise UserError(f"--precision: {' '.join(str(e).split())}") from None
     fabric.launch()
@@ -339,12 +345,16 @@ def fit(
     save_weights: Callable[[Path], None],
     progress: Progress,
     objective=None,
+    flops_per_token: float | None = None,
 ) -> None:
     """forward, loss, backward, step; log, validate, save. `save_weights(dir)` writes the model's files.
 
     `objective` is what is minimized (default: NextTokenLoss); its metrics are logged beside the loss.
+    With `flops_per_token` (see training_flops_per_token) the model FLOPs utilization `mfu` is logged too,
+    on devices whose peak FLOP/s Lightning knows (CUDA GPUs, TPUs; not CPUs).
     """
     objective = objective or NextTokenLoss(args.loss_chunk_size)
+    peak_flops = available_flops(fabric) if flops_per_token else None
     total_steps = args.total_steps(len(train_data))
     model.train()  # checkpoints load in eval mode; dropout and activation checkpointing need train mode
     batches = step_batches(train_data, args, seed, progress, fabric.global_rank, fabric.world_size)
@@ -369,12 +379,17 @@ def fit(
             elapsed = time.perf_counter() - started
             metrics.update(step_metrics, lr=scheduler.get_last_lr()[0], tokens_per_sec=tokens / elapsed,
                            peak_memory_gb=peak_memory_gb(fabric.device))
+            if peak_flops:  # tokens/s is over all devices, so is the peak
+                metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / (peak_flops * fabric.world_size)
         if val_data is not None and len(val_data) and (
             (args.eval_interval and progress.step % args.eval_interval == 0) or progress.step == total_steps
         ):
             val_metrics = validate(fabric, model, val_data, args, objective)
             metrics.update({f"val_{name}": value for name, value in val_metrics.items()})
-            fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}")
+            if isinstance(objective, NextTokenLoss):  # perplexity: exp of the mean token cross-entropy
+                metrics["val_ppl"] = perplexity(metrics["val_loss"])
+            fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}"
+                         + (f", val perplexity {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else ""))
         if metrics:
             fabric.log_dict({"step": progress.step, **metrics}, step=progress.step)
             if not sys.stderr.isatty():  # CI and pipes get a plain line per log instead of a bar
@@ -435,6 +450,36 @@ def validate(fabric: L.Fabric, model, val_data, args: TrainArgs, objective) -> d
         count += objective.count(batch)
     model.train()
     return {name: total / max(count, 1) for name, total in sums.items()}
+
+
+def perplexity(mean_cross_entropy: float) -> float:
+    return math.exp(mean_cross_entropy) if mean_cross_entropy < 700 else math.inf  # math.exp overflows past ~709
+
+
+def training_flops_per_token(model: nn.Module, seq_length: int) -> float:
+    """Model FLOPs of one training token, forward and backward (PaLM, arXiv 2204.02311, appendix B):
+    6 N + 12 n_layers n_heads head_dim seq_length.
+
+    N counts the weights that multiply activations: every matrix but the embedding table, which is a lookup, with
+    lm_head counted even when it shares that table (norm weights and biases are elementwise, left out). The second term is attention's two matmuls (QK^T and
+    the weighted sum of V) over the whole causal window, as PaLM counts them. LoRA runs count as full training
+    (the frozen weights skip their weight gradients, so their true FLOPs are nearer 4 N).
+    """
+    config = model.config
+    n_matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed_tokens.weight")
+    if config.tie_embeddings:
+        n_matmul += config.vocab_size * config.hidden_size
+    return 6 * n_matmul + 12 * config.n_layers * config.n_heads * config.head_dim * seq_length
+
+
+def available_flops(fabric: L.Fabric) -> float | None:
+    """The device's peak FLOP/s in the training precision, from Lightning's table (None where unknown, e.g. CPU)."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    precision = fabric.strategy.precision.precision
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
+        else torch.float32
+    return get_available_flops(fabric.device, dtype)
 
 
 def peak_memory_gb(device: torch.device) -> float:

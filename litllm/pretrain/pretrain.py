@@ -1,0 +1,193 @@
+"""Pretraining from scratch and continued pretraining on plain text: a Lightning Fabric script.
+
+    litllm pretrain --config config_hub/pretrain/llama-tiny.yaml
+    litllm pretrain --model_name llama-tiny --tokenizer_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --data.paths data/tiny_shakespeare.txt
+    litllm pretrain --initial_checkpoint checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --data.paths data/ko_nsmc_reviews.txt --lora.r 16 --train_embeddings true
+    torchrun --nproc_per_node 8 -m litllm pretrain --config ... --devices 8 --strategy ddp
+    python pretrain.py --config llama-tiny.yaml      # after `litllm cp pretrain pretrain.py`
+
+setup() builds Fabric, the model (a named config, or a Hugging Face checkpoint to continue, optionally with LoRA),
+the token windows and the optimizer; training.fit() is the loop.
+Outputs: Hugging Face model dirs under out_dir (step-NNNNNN/ and final/), logs under out_dir/logs.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
+from litllm.config import Config
+from litllm.data import TextCorpus
+from litllm.errors import UserError
+from litllm.generate import generate_tokens
+from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
+from litllm.model import GPT
+from litllm.tokenizer import Tokenizer
+from litllm.training import (NextTokenLoss, TrainArgs, fit, model_dtype, perplexity, prepare_out_dir, setup_fabric,
+                             setup_training, training_flops_per_token, validate)
+
+
+def setup(
+    model_name: str | None = None,
+    initial_checkpoint: Path | None = None,
+    tokenizer_dir: Path | None = None,
+    out_dir: Path = Path("out/pretrain"),
+    data: TextCorpus = TextCorpus(),
+    train: TrainArgs = TrainArgs(global_batch_size=64, micro_batch_size=8, max_seq_length=1024, lr=6e-4,
+                                 min_lr=6e-5, warmup_steps=100, weight_decay=0.1, eval_interval=200,
+                                 eval_max_batches=50),
+    lora: LoRAConfig | None = None,
+    train_embeddings: bool = False,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp"] = "auto",
+    precision: str | None = None,
+    optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
+    logger: Literal["csv", "tensorboard", "wandb"] = "csv",
+    seed: int = 1337,
+    resume: bool | Literal["auto"] = False,
+    overwrite: bool = False,
+    sample_prompt: str | None = None,
+) -> Path:
+    """Pretrain a model from scratch, or continue pretraining a checkpoint, on plain text.
+
+    Args:
+        model_name: train from scratch with this named architecture (litllm.config.NAMED_CONFIGS: llama-tiny,
+            smollm2-135m, llama-3.2-1b).
+        initial_checkpoint: continue pretraining this Hugging Face model dir instead.
+        tokenizer_dir: the dir whose tokenizer files to use (default: initial_checkpoint's); needed from scratch.
+            Its files are copied into every checkpoint, so each one is a complete Hugging Face model dir.
+        out_dir: where checkpoints (HF model dirs with training state) and logs go.
+        data: the text to train on.
+        train: training loop settings; max_seq_length is the window length.
+        lora: continued pretraining with low-rank adapters on a frozen base (e.g. --lora.r 16); the checkpoints
+            are the merged model, with the adapter in an adapter/ subdir for resuming.
+        train_embeddings: with lora, also train embed_tokens and lm_head in full (text in a new language or
+            domain uses the vocabulary differently).
+        devices: devices per node.
+        num_nodes: nodes (machines); launch with torchrun, SLURM or `fabric run`.
+        strategy: auto (one device), or ddp (a replica of the model per device, each taking its share of every
+            global batch).
+        precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
+        optimizer: AdamW, or AdamW8bit from bitsandbytes.
+        logger: where metrics go besides the terminal: csv, tensorboard or wandb.
+        seed: random seed (initial weights, data order, adapter init).
+        resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
+        overwrite: delete an existing out_dir and start over.
+        sample_prompt: after training, print a sampled continuation of this text from the final checkpoint.
+    """
+    if (model_name is None) == (initial_checkpoint is None):
+        raise UserError("pass either --model_name NAME (from scratch) or --initial_checkpoint DIR (continued)")
+    if model_name and lora:
+        raise UserError("--lora adapts a pretrained model; use it with --initial_checkpoint, not --model_name")
+    if train_embeddings and not lora:
+        raise UserError("--train_embeddings true goes with --lora (without LoRA every weight trains anyway)")
+    if train_embeddings and "lm_head" in lora.targets:
+        raise UserError("--train_embeddings true trains lm_head in full; remove lm_head from --lora.targets")
+    if initial_checkpoint is not None:
+        initial_checkpoint = check_checkpoint_dir(initial_checkpoint)
+    tokenizer_dir = tokenizer_dir or initial_checkpoint
+    if tokenizer_dir is None:
+        raise UserError("--model_name needs --tokenizer_dir DIR (a dir with tokenizer.json or tokenizer.model)")
+    resume_from = prepare_out_dir(out_dir, resume, overwrite)
+    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    fabric.seed_everything(seed)
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    with fabric.rank_zero_first(local=True):  # one tokenizing run per node; the others read its cache
+        train_data, val_data = data.setup(tokenizer, train.max_seq_length)
+    fabric.print(f"Data: {len(train_data):,} training and {len(val_data):,} validation windows of "
+                 f"{train.max_seq_length} tokens")
+
+    if model_name:
+        model = new_model(fabric, model_name, tokenizer, resume_from)
+    else:
+        model = load_model(initial_checkpoint if lora or not resume_from else resume_from,
+                           dtype=model_dtype(fabric), device=fabric.device)
+        check_vocabulary(model, tokenizer)
+        if lora:
+            lora = add_adapters(model, lora, train_embeddings, resume_from, fabric)
+    if train.max_seq_length > model.config.max_seq_len:
+        raise UserError(f"--train.max_seq_length {train.max_seq_length} is longer than the model's context "
+                        f"({model.config.max_seq_len})")
+    fabric.print(f"Parameters: {count_parameters(model, trainable=False):,} ({count_parameters(model):,} trainable)")
+    flops_per_token = training_flops_per_token(model, train.max_seq_length)
+    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
+
+    objective = NextTokenLoss(train.loss_chunk_size)
+    if not resume_from and len(val_data):  # the starting point, to compare the end with
+        val_loss = validate(fabric, model, val_data, train, objective)["loss"]
+        fabric.log_dict({"step": 0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}, step=0)
+        fabric.print(f"step 0: val loss {val_loss:.4f}, val perplexity {perplexity(val_loss):.2f}")
+
+    def save_weights(directory: Path) -> None:
+        if lora:  # a complete HF model dir, which `litllm finetune` and transformers read as is
+            write_model_files(merge_lora(copy.deepcopy(model.module)), directory)
+            save_adapter(model.module, lora, directory / "adapter", base_checkpoint=initial_checkpoint)
+        else:
+            write_model_files(model.module, directory)
+        copy_tokenizer_files(tokenizer_dir, directory)
+
+    fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress,
+        objective, flops_per_token)
+    final = out_dir / "final"
+    if sample_prompt is not None and fabric.global_rank == 0:
+        print_sample(final, tokenizer, sample_prompt, fabric.device, seed)
+    fabric.print(f"Saved the model to {final}\nTry it: litllm generate {final} --prompt \"...\"")
+    return final
+
+
+def new_model(fabric, model_name: str, tokenizer: Tokenizer, resume_from: Path | None) -> GPT:
+    """A randomly initialized model of a named config, or the one being resumed."""
+    if resume_from:
+        return load_model(resume_from, dtype=model_dtype(fabric), device=fabric.device)
+    # the tokenizer's special tokens go into config.json, so generation stops at EOS
+    config = Config.from_name(model_name, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                              pad_token_id=tokenizer.pad_id)
+    with fabric.init_module():  # on the device, in the training dtype; same weights on every rank (same seed)
+        model = GPT(config)
+    check_vocabulary(model, tokenizer)
+    return model
+
+
+def check_vocabulary(model: GPT, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer in {tokenizer.checkpoint_dir} has {tokenizer.vocab_size:,} tokens but the "
+                        f"model's vocabulary holds {model.config.vocab_size:,}; use the model's own tokenizer")
+
+
+def add_adapters(model: GPT, lora: LoRAConfig, train_embeddings: bool, resume_from: Path | None,
+                 fabric) -> LoRAConfig:
+    """LoRA on the frozen base (the saved adapter when resuming), and optionally trainable embeddings."""
+    if resume_from:
+        lora = load_adapter(model, resume_from / "adapter")
+    else:
+        apply_lora(model, lora)
+    if train_embeddings:
+        if resume_from:  # the trained embeddings are in the checkpoint's merged weights; nothing else is merged
+            trained = load_model(resume_from, dtype=model_dtype(fabric), device=fabric.device)
+            with torch.no_grad():
+                model.embed_tokens.weight.copy_(trained.embed_tokens.weight)
+                model.lm_head.weight.copy_(trained.lm_head.weight)
+        # with tied embeddings these are one tensor
+        model.embed_tokens.weight.requires_grad = model.lm_head.weight.requires_grad = True
+    return lora
+
+
+def print_sample(checkpoint: Path, tokenizer: Tokenizer, prompt: str, device: torch.device, seed: int) -> None:
+    """A sampled continuation of `prompt` from the saved checkpoint (which also shows that it loads)."""
+    model = load_model(checkpoint, dtype=torch.float32, device=device)
+    ids = generate_tokens(model, tokenizer.encode(prompt, add_special_tokens=False), max_new_tokens=100,
+                          temperature=0.8, top_k=50, stop_ids=tokenizer.stop_ids, seed=seed)
+    print(f"Sample:\n{prompt}{tokenizer.decode(list(ids), skip_special_tokens=True)}")
+
+
+if __name__ == "__main__":
+    from litllm.cli import run
+
+    run(setup)
