@@ -386,3 +386,9 @@ def _working_dir(folder: Path | None) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+if __name__ == "__main__":
+    from litllm.cli import run
+
+    run(main)

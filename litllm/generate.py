@@ -238,3 +238,9 @@ def chat(
             answer += piece
         print()
         messages.append({"role": "assistant", "content": answer})
+
+
+if __name__ == "__main__":
+    from litllm.cli import run
+
+    run({"generate": main, "chat": chat})

@@ -491,3 +491,9 @@ def check_port_is_free(host: str, port: int) -> None:
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}; "
                         "pick another --port (or --host)") from error
+
+
+if __name__ == "__main__":
+    from litllm.cli import run
+
+    run(main)
