@@ -1,6 +1,9 @@
-"""Training data: fine-tuning formats (Alpaca, JSON/JSONL, chat messages), tokenized with loss masks, and packing."""
+"""Training data: fine-tuning formats (Alpaca, JSON/JSONL, chat messages), tokenized with loss masks, packing,
+preference pairs for DPO, and pretraining text tokenized into windows."""
+from litllm.data.corpus import TextCorpus, TokenWindows
 from litllm.data.jsonl import read_rows
+from litllm.data.preference import Preference, PreferenceDataset
 from litllm.data.sft import IGNORE_INDEX, JSON, SFTData, SFTDataset, Alpaca, Chat, alpaca_prompt, collate, pack
 
 __all__ = ["IGNORE_INDEX", "JSON", "SFTData", "SFTDataset", "Alpaca", "Chat", "alpaca_prompt", "collate", "pack",
-           "read_rows"]
+           "read_rows", "Preference", "PreferenceDataset", "TextCorpus", "TokenWindows"]

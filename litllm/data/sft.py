@@ -226,29 +226,31 @@ class Chat(SFTData):
             )
 
     def render(self, tokenizer: Tokenizer, row: dict[str, Any]) -> Rendered:
-        messages = row.get(self.messages_key)
         if self.messages_key not in row:
             raise UserError(f"missing key '{self.messages_key}' (keys: {', '.join(row)}); "
                             "pick another with --data.messages_key")
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"'{self.messages_key}' must be a non-empty list of messages, "
-                            f"got {type(messages).__name__}")
-        for index, message in enumerate(messages):
-            name = f"{self.messages_key}[{index}]"
-            if not isinstance(message, dict):
-                raise UserError(f"{name} must be an object with 'role' and 'content', "
-                                f"got {type(message).__name__}")
-            for key in ("role", "content"):
-                if key not in message:
-                    raise UserError(f"{name}: missing key '{key}' (keys: {', '.join(message)})")
-            if message["role"] not in CHAT_ROLES:
-                raise UserError(f"{name}.role must be one of {', '.join(CHAT_ROLES)}; "
-                                f"got {message['role']!r}")
-            if not isinstance(message["content"], str):
-                raise UserError(f"{name}.content must be a string, got {type(message['content']).__name__}")
+        messages = check_messages(row[self.messages_key], self.messages_key)
         if not any(message["role"] == "assistant" for message in messages):
             raise UserError("no assistant message, so nothing to learn from this conversation")
-        return render_chat(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+        return render_chat(tokenizer, messages)
+
+
+def check_messages(messages: Any, key: str) -> list[dict[str, str]]:
+    """`messages` (the value of `key` in a row) as a list of {"role", "content"}; a UserError names what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"'{key}' must be a non-empty list of messages, got {type(messages).__name__}")
+    for index, message in enumerate(messages):
+        name = f"{key}[{index}]"
+        if not isinstance(message, dict):
+            raise UserError(f"{name} must be an object with 'role' and 'content', got {type(message).__name__}")
+        for field in ("role", "content"):
+            if field not in message:
+                raise UserError(f"{name}: missing key '{field}' (keys: {', '.join(message)})")
+        if message["role"] not in CHAT_ROLES:
+            raise UserError(f"{name}.role must be one of {', '.join(CHAT_ROLES)}; got {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise UserError(f"{name}.content must be a string, got {type(message['content']).__name__}")
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
 
 
 def _string(row: dict[str, Any], key: str, option: str) -> str:

@@ -1,1 +1,1 @@
-"""Fine-tuning scripts: full.py (every weight), lora.py (LoRA/DoRA, QLoRA with --quantize)."""
+"""Fine-tuning scripts: full.py (every weight), lora.py (LoRA/DoRA, QLoRA with --quantize), dpo.py (preference pairs)."""
