@@ -10,17 +10,24 @@ from litllm.errors import UserError
 
 
 def commands() -> dict:
-    from litllm import convert, download, generate
-    from litllm.finetune import full, lora
+    from litllm import convert, cp, download, evaluate, generate, serve, tokenizer_tools
+    from litllm.finetune import dpo, full, lora
+    from litllm.pretrain import pretrain
 
     return {
         "download": download.download,
         "generate": generate.main,
         "chat": generate.chat,
-        "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize).",
-                     "full": full.setup, "lora": lora.setup},
+        "pretrain": pretrain.setup,
+        "evaluate": evaluate.main,
+        "serve": serve.main,
+        "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize), dpo (preference pairs).",
+                     "full": full.setup, "lora": lora.setup, "dpo": dpo.setup},
         "convert": {"_help": "Convert checkpoints between formats: GGUF in and out, LoRA adapters merged.",
                     "from_gguf": convert.from_gguf, "to_gguf": convert.to_gguf, "merge_lora": convert.merge_lora},
+        "cp": cp.cp,
+        "tokenizer": {"_help": "Measure what a text costs in tokens; extend a tokenizer for a new language.",
+                      "stats": tokenizer_tools.stats, "extend": tokenizer_tools.extend},
     }
 
 
@@ -46,6 +53,11 @@ def _subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser | No
 
 
 def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
+    if args[:2] == ["cp", "--list"]:  # a listing, not a copy: no script and destination to ask for
+        from litllm.cp import list_scripts
+
+        return list_scripts()
     run(commands(), args)
 
 
