@@ -91,7 +91,7 @@ def test_from_gguf_refuses_to_overwrite(smollm2_gguf, smollm2_dir):
 @pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "config_hub" / "finetune").glob("*/*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_finetune_config_parses(config):
-    method = "full" if config.stem == "full" else "lora"
+    method = {"full": "full", "dpo": "dpo"}.get(config.stem, "lora")  # lora.yaml and qlora.yaml: lora
     result = litllm("finetune", method, "--config", config, "--print_config")
     assert result.returncode == 0, result.stderr
     assert "checkpoint_dir: checkpoints/" in result.stdout
