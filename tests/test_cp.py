@@ -44,7 +44,6 @@ def test_cp_does_not_overwrite_without_asking(tmp_path):
 
 @pytest.mark.parametrize("script, args", [
     ("finetune/lora", ["--data", "JSON", "--data.json_path", str(ROOT / "data" / "alpaca_demo.json")]),
-    ("finetune/full", ["--data", "JSON", "--data.json_path", str(ROOT / "data" / "alpaca_demo.json")]),
     ("finetune/dpo", ["--data", "Preference", "--data.json_path", str(ROOT / "data" / "ko_preference_demo.jsonl")]),
 ])
 def test_copied_training_script_trains_outside_the_repository(script, args, tiny_chat_model_dir, tmp_path):

