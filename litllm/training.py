@@ -1,6 +1,8 @@
 """What every training script shares: settings, Fabric, optimizer, schedule, loss, the loop, save/resume."""
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import resource
 import shutil
@@ -15,6 +17,9 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -79,8 +84,10 @@ def default_precision() -> str:
 
 
 def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int = 1, num_nodes: int = 1,
-                 strategy: Literal["auto", "ddp"] = "auto") -> L.Fabric:
+                 strategy: Literal["auto", "ddp", "fsdp"] = "auto") -> L.Fabric:
     """Fabric with the chosen precision, devices and strategy, and a logger writing under out_dir/logs.
+
+    Strategies: auto (one device), ddp (a replica of the model per device), fsdp (FullyShardedDataParallel).
 
     Launched by `fabric run`, `torchrun` or SLURM, Fabric takes ranks and addresses from their environment; run
     plainly with devices > 1, it starts the other processes itself.
@@ -103,12 +110,47 @@ def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int
     if logger not in loggers:
         raise UserError(f"--logger {logger!r} is not one of csv, tensorboard, wandb")
     try:
-        fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy,
+        fabric = L.Fabric(devices=devices, num_nodes=num_nodes,
+                          strategy=FullySharded(devices * num_nodes) if strategy == "fsdp" else strategy,
                           precision=precision or default_precision(), loggers=[loggers[logger]()])
     except ValueError as e:  # Fabric's message lists the valid precisions
         raise UserError(f"--precision: {' '.join(str(e).split())}") from None
     fabric.launch()
     return fabric
+
+
+class FullySharded(ModelParallelStrategy):
+    """FSDP through Fabric: torch's `fully_shard` (FSDP2) on each transformer block, then on the model (embeddings,
+    final norm, lm_head). Each of the N processes holds 1/N of the weights, gradients and optimizer state, and
+    gathers one block's weights at a time for its forward and backward.
+
+    (Fabric's FSDPStrategy wraps the older FSDP1 API, which runs on GPUs only; FSDP2 also runs on CPUs with gloo.)
+    Remembers the model's unsharded structure, without data, into which checkpoints gather the full weights.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__(self.shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=False)
+        self.layout: nn.Module | None = None
+
+    def shard_blocks(self, model: nn.Module, device_mesh) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        self.layout = empty_copy(model)
+        mesh = device_mesh["data_parallel"]
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+
+def empty_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device: its structure, without its data."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
 
 
 def model_dtype(fabric: L.Fabric) -> torch.dtype:
@@ -188,7 +230,7 @@ def setup_training(fabric: L.Fabric, model, optimizer: str, args: TrainArgs, n_e
     scheduler = build_scheduler(optim, args, args.total_steps(n_examples))
     progress = Progress()
     if resume_from:
-        progress = load_training_state(resume_from, optim, scheduler)
+        progress = load_training_state(fabric, resume_from, model, optim, scheduler)
         fabric.print(f"Resuming from {resume_from} (step {progress.step})")
     return model, optim, scheduler, progress
 
@@ -342,12 +384,12 @@ def fit(
     args: TrainArgs,
     seed: int,
     out_dir: Path,
-    save_weights: Callable[[Path], None],
+    save_weights: Callable[[Path, nn.Module], None],
     progress: Progress,
     objective=None,
     flops_per_token: float | None = None,
 ) -> None:
-    """forward, loss, backward, step; log, validate, save. `save_weights(dir)` writes the model's files.
+    """forward, loss, backward, step; log, validate, save. `save_weights(dir, model)` writes the model's files.
 
     `objective` is what is minimized (default: NextTokenLoss); its metrics are logged beside the loss.
     With `flops_per_token` (see training_flops_per_token) the model FLOPs utilization `mfu` is logged too,
@@ -395,10 +437,10 @@ def fit(
             if not sys.stderr.isatty():  # CI and pipes get a plain line per log instead of a bar
                 fabric.print(" ".join(f"{k} {v:.4g}" for k, v in {"step": progress.step, **metrics}.items()))
         if args.save_interval and progress.step % args.save_interval == 0 and progress.step < total_steps:
-            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, optimizer,
+            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
                                      scheduler, progress)
     bar.close()
-    save_training_checkpoint(fabric, out_dir / "final", save_weights, optimizer, scheduler, progress)
+    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
     for logger in fabric.loggers:
         logger.finalize("success")
 
@@ -417,10 +459,11 @@ def accumulate_gradients(fabric: L.Fabric, model, micro_batches: list[dict], obj
     sums: dict[str, float] = {"loss": 0.0}
     for i, batch in enumerate(micro_batches):
         batch = {k: fabric.to_device(v) for k, v in batch.items()}
-        # gradients sync across devices only on the last micro-batch
-        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1), fabric.autocast():
-            loss, metrics = objective(model, batch)
-        fabric.backward(loss * (fabric.world_size / n_units))
+        # gradients sync across devices only on the last micro-batch (DDP decides in forward, FSDP in backward)
+        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+            with fabric.autocast():
+                loss, metrics = objective(model, batch)
+            fabric.backward(loss * (fabric.world_size / n_units))
         for name, value in {"loss": loss, **metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
     return mean_over_devices(fabric, sums, n_units)
@@ -491,34 +534,55 @@ def peak_memory_gb(device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------ save / resume
 
 
-def save_training_checkpoint(fabric: L.Fabric, directory: Path, save_weights, optimizer, scheduler,
+def save_training_checkpoint(fabric: L.Fabric, directory: Path, save_weights, model, optimizer, scheduler,
                              progress: Progress) -> None:
     """Weights (HF dir or PEFT adapter) plus everything an exact resume needs, in one atomic directory.
 
-    Written by the first process only: data-parallel replicas hold identical weights and optimizer state.
+    Every process takes part in gathering the full weights and optimizer state (from their shards under FSDP);
+    the first process writes them. The optimizer state is keyed by parameter name, so a run can resume under
+    another strategy or device count.
     """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # complete on the first process only
+    sharded = isinstance(fabric.strategy, FullySharded)
+    weights = get_model_state_dict(model.module, options=options) if sharded else None
+    optimizer_state = get_optimizer_state_dict(model.module, optimizer.optimizer, options=options)
+    rng_states = gather_rng_states(fabric)
     if fabric.global_rank == 0:
-        _write_checkpoint(directory, save_weights, optimizer, scheduler, progress)
+        full_model = model.module
+        if sharded:  # the gathered weights in an unsharded copy of the model
+            full_model = copy.deepcopy(fabric.strategy.layout)
+            full_model.load_state_dict(weights, assign=True)
+        with atomic_dir(directory) as tmp:
+            save_weights(tmp, full_model)
+            torch.save({
+                "step": progress.step, "epoch": progress.epoch, "position": progress.position,
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": rng_states,
+            }, tmp / STATE_FILE)
     fabric.barrier()
 
 
-def _write_checkpoint(directory: Path, save_weights, optimizer, scheduler, progress: Progress) -> None:
-    with atomic_dir(directory) as tmp:
-        save_weights(tmp)
-        state = {
-            "step": progress.step, "epoch": progress.epoch, "position": progress.position,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(state, tmp / STATE_FILE)
+def gather_rng_states(fabric: L.Fabric) -> list[dict[str, torch.Tensor | None]]:
+    """Each process's random number generator states, by rank: each draws its own dropout masks."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(fabric.device) if fabric.device.type == "cuda" else None}
+    if fabric.world_size == 1:
+        return [mine]
+    states: list[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
-def load_training_state(directory: Path, optimizer, scheduler) -> Progress:
+def load_training_state(fabric: L.Fabric, directory: Path, model, optimizer, scheduler) -> Progress:
+    """Restore what save_training_checkpoint wrote (a run resumed on other device counts reuses the saved random
+    states in turn: its dropout masks differ from the uninterrupted run's)."""
     state: dict[str, Any] = torch.load(directory / STATE_FILE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    # every process reads the whole state; under FSDP each keeps its shard of it
+    options = StateDictOptions(full_state_dict=True) if isinstance(fabric.strategy, FullySharded) else None
+    set_optimizer_state_dict(model.module, optimizer.optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng"][fabric.global_rank % len(state["rng"])]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and fabric.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], fabric.device)
     return Progress(step=state["step"], epoch=state["epoch"], position=state["position"])

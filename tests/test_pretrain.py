@@ -1,6 +1,8 @@
-"""Pretraining as specified: the prepared corpus, named configs, exact resume, DDP = one process, HF outputs."""
+"""Pretraining as specified: the prepared corpus, named configs, exact resume, DDP and FSDP = one process, HF
+outputs."""
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,13 +142,16 @@ def pretrain_args(out_dir, corpus_root, cache_dir, *extra):
             "--train.lr", "1e-3", "--train.eval_interval", "4", "--train.eval_max_batches", "2", *extra]
 
 
+LORA = ["--lora.r", "4", "--lora.dropout", "0", "--train_embeddings", "true"]
+
+
 @pytest.fixture(scope="module")
 def lora_reference(tiny_chat_model_dir, corpus, tmp_path_factory):
-    """An uninterrupted continued-pretraining run with LoRA and trainable embeddings."""
+    """An uninterrupted continued-pretraining run with LoRA and trainable embeddings (no dropout: one process and
+    two draw different masks, and the FSDP test compares them)."""
     root, _ = corpus
     out_dir = tmp_path_factory.mktemp("lora-reference")
-    result = litllm("pretrain", "--initial_checkpoint", tiny_chat_model_dir, "--lora.r", "4",
-                    "--train_embeddings", "true",
+    result = litllm("pretrain", "--initial_checkpoint", tiny_chat_model_dir, *LORA,
                     *pretrain_args(out_dir, root, out_dir.parent / "cache", "--train.max_steps", "6",
                                    "--train.save_interval", "2", "--train.eval_interval", "3"))
     assert result.returncode == 0, result.stderr
@@ -157,7 +162,7 @@ def test_lora_run_killed_mid_training_resumes_with_the_same_loss_curve(tiny_chat
                                                                        tmp_path):
     root, _ = corpus
     reference, _ = lora_reference
-    args = ["--initial_checkpoint", tiny_chat_model_dir, "--lora.r", "4", "--train_embeddings", "true",
+    args = ["--initial_checkpoint", tiny_chat_model_dir, *LORA,
             *pretrain_args(tmp_path / "run", root, reference.parent / "cache", "--train.max_steps", "6",
                            "--train.save_interval", "2", "--train.eval_interval", "3")]
     process = subprocess.Popen([sys.executable, "-m", "litllm", "pretrain", *map(str, args)],
@@ -196,26 +201,64 @@ def test_lora_with_embeddings_writes_a_merged_hf_model_that_transformers_loads(t
         float(np.exp(val[6])))
 
 
-def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tiny_chat_model_dir, corpus, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tiny_chat_model_dir, corpus, tmp_path_factory):
+    """Three full-training steps on one process: what data parallelism must reproduce."""
     root, _ = corpus
-    steps = ["--train.max_steps", "3", "--train.eval_interval", "3"]
-    single = litllm("pretrain", "--initial_checkpoint", tiny_chat_model_dir,
-                    *pretrain_args(tmp_path / "one", root, tmp_path / "cache", *steps, "--devices", "1"))
-    assert single.returncode == 0, single.stderr
-    ddp = litllm("pretrain", "--initial_checkpoint", tiny_chat_model_dir,
-                 *pretrain_args(tmp_path / "two", root, tmp_path / "cache", *steps, "--devices", "2",
-                                "--strategy", "ddp"))
-    assert ddp.returncode == 0, ddp.stderr
-    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
-    assert one.keys() == two.keys() == {1, 2, 3}
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-6, abs=0)
-    assert logged(tmp_path / "two", "val_loss")[3] == pytest.approx(logged(tmp_path / "one", "val_loss")[3], rel=1e-6)
-    weights_one, weights_two = load_model(tmp_path / "one" / "final"), load_model(tmp_path / "two" / "final")
+    out_dir = tmp_path_factory.mktemp("one-process")
+    result = litllm("pretrain", "--initial_checkpoint", tiny_chat_model_dir,
+                    *pretrain_args(out_dir, root, out_dir / "cache", *THREE_STEPS, "--devices", "1"))
+    assert result.returncode == 0, result.stderr
+    return out_dir
+
+
+# two micro-batches per process and step: gradients accumulate without syncing, then sync once
+THREE_STEPS = ["--train.max_steps", "3", "--train.eval_interval", "3", "--train.global_batch_size", "8"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_chat_model_dir, corpus, one_process,
+                                                                  strategy, tmp_path):
+    root, _ = corpus
+    two = litllm("pretrain", "--initial_checkpoint", tiny_chat_model_dir,
+                 *pretrain_args(tmp_path, root, tmp_path / "cache", *THREE_STEPS, "--devices", "2",
+                                "--strategy", strategy))
+    assert two.returncode == 0, two.stderr
+    one_loss, two_loss = logged(one_process), logged(tmp_path)
+    assert one_loss.keys() == two_loss.keys() == {1, 2, 3}
+    for step in one_loss:
+        assert two_loss[step] == pytest.approx(one_loss[step], rel=1e-6, abs=0)
+    assert logged(tmp_path, "val_loss")[3] == pytest.approx(logged(one_process, "val_loss")[3], rel=1e-6)
+    # under FSDP each process held half of every weight: the checkpoint gathers them whole
+    weights_one, weights_two = load_model(one_process / "final"), load_model(tmp_path / "final")
     start = load_model(tiny_chat_model_dir)
     for (name, a), b, c in zip(weights_one.named_parameters(), weights_two.parameters(), start.parameters()):
         assert not torch.equal(a, c), name  # every weight trained
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fsdp_resumes_a_one_process_checkpoint_and_one_process_resumes_an_fsdp_checkpoint(
+        tiny_chat_model_dir, corpus, lora_reference, tmp_path):
+    """LoRA with trained (tied) embeddings; the optimizer state is saved whole, keyed by parameter name."""
+    root, _ = corpus
+    reference, _ = lora_reference
+    args = ["--initial_checkpoint", tiny_chat_model_dir, *LORA,
+            *pretrain_args(tmp_path / "fsdp", root, reference.parent / "cache", "--train.max_steps", "6",
+                           "--train.save_interval", "2", "--train.eval_interval", "3")]
+    shutil.copytree(reference / "step-000002", tmp_path / "fsdp" / "step-000002")
+    sharded = litllm("pretrain", *args, "--resume", "true", "--devices", "2", "--strategy", "fsdp")
+    assert sharded.returncode == 0, sharded.stderr
+    expected = logged(reference)
+    assert logged(tmp_path / "fsdp") == pytest.approx({step: expected[step] for step in (3, 4, 5, 6)}, rel=1e-6)
+
+    args[args.index("--out_dir") + 1] = tmp_path / "one"
+    shutil.copytree(tmp_path / "fsdp" / "step-000004", tmp_path / "one" / "step-000004")
+    single = litllm("pretrain", *args, "--resume", "true")
+    assert single.returncode == 0, single.stderr
+    assert logged(tmp_path / "one") == pytest.approx({5: expected[5], 6: expected[6]}, rel=1e-6)
+    for name, tensor in load_model(tmp_path / "one" / "final").state_dict().items():
+        torch.testing.assert_close(tensor, load_model(reference / "final").state_dict()[name], atol=1e-6, rtol=1e-5,
+                                   msg=name)
 
 
 def test_llama_tiny_from_scratch_learns_and_loads_in_transformers(smollm2_dir, corpus, tmp_path):

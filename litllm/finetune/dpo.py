@@ -31,6 +31,7 @@ from litllm.data import IGNORE_INDEX, Preference, PreferenceDataset
 from litllm.errors import UserError
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, load_adapter, merge_lora, \
     save_adapter
+from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
 
@@ -121,11 +122,11 @@ def setup(
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
-    def save_weights(directory: Path) -> None:
+    def save_weights(directory: Path, trained: GPT) -> None:
         if full:
-            write_model_files(model.module, directory)
+            write_model_files(trained, directory)
         else:
-            save_adapter(model.module, lora, directory, base_checkpoint=checkpoint_dir)
+            save_adapter(trained, lora, directory, base_checkpoint=checkpoint_dir)
         copy_tokenizer_files(checkpoint_dir, directory)
 
     fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress,

@@ -13,6 +13,7 @@ from typing import Literal
 
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
 from litllm.data import Alpaca, SFTData
+from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
 
@@ -55,8 +56,8 @@ def setup(
     model = load_model(resume_from or checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
-    def save_weights(directory: Path) -> None:
-        write_model_files(model.module, directory)
+    def save_weights(directory: Path, trained: GPT) -> None:
+        write_model_files(trained, directory)
         copy_tokenizer_files(checkpoint_dir, directory)
 
     fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress)

@@ -15,6 +15,7 @@ from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_m
 from litllm.data import Alpaca, SFTData
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, save_adapter
 from litllm.quantize import quantize_model
+from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
 
@@ -67,8 +68,8 @@ def setup(
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
-    def save_weights(directory: Path) -> None:
-        save_adapter(model.module, lora, directory, base_checkpoint=checkpoint_dir, quantize=quantize)
+    def save_weights(directory: Path, trained: GPT) -> None:
+        save_adapter(trained, lora, directory, base_checkpoint=checkpoint_dir, quantize=quantize)
         copy_tokenizer_files(checkpoint_dir, directory)
 
     fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress)

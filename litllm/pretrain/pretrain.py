@@ -5,7 +5,7 @@
         --data.paths data/tiny_shakespeare.txt
     litllm pretrain --initial_checkpoint checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
         --data.paths data/ko_nsmc_reviews.txt --lora.r 16 --train_embeddings true
-    torchrun --nproc_per_node 8 -m litllm pretrain --config ... --devices 8 --strategy ddp
+    torchrun --nproc_per_node 8 -m litllm pretrain --config ... --devices 8 --strategy fsdp
     python pretrain.py --config llama-tiny.yaml      # after `litllm cp pretrain pretrain.py`
 
 setup() builds Fabric, the model (a named config, or a Hugging Face checkpoint to continue, optionally with LoRA),
@@ -45,7 +45,7 @@ def setup(
     train_embeddings: bool = False,
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: Literal["auto", "ddp"] = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     precision: str | None = None,
     optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
     logger: Literal["csv", "tensorboard", "wandb"] = "csv",
@@ -71,8 +71,9 @@ def setup(
             domain uses the vocabulary differently).
         devices: devices per node.
         num_nodes: nodes (machines); launch with torchrun, SLURM or `fabric run`.
-        strategy: auto (one device), or ddp (a replica of the model per device, each taking its share of every
-            global batch).
+        strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
+            global batch); fsdp (as ddp, but each device holds only its shard of the weights, gradients and
+            optimizer state; each transformer block is gathered just for its forward and backward).
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
@@ -125,12 +126,12 @@ def setup(
         fabric.log_dict({"step": 0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}, step=0)
         fabric.print(f"step 0: val loss {val_loss:.4f}, val perplexity {perplexity(val_loss):.2f}")
 
-    def save_weights(directory: Path) -> None:
+    def save_weights(directory: Path, trained: GPT) -> None:
         if lora:  # a complete HF model dir, which `litllm finetune` and transformers read as is
-            write_model_files(merge_lora(copy.deepcopy(model.module)), directory)
-            save_adapter(model.module, lora, directory / "adapter", base_checkpoint=initial_checkpoint)
+            write_model_files(merge_lora(copy.deepcopy(trained)), directory)
+            save_adapter(trained, lora, directory / "adapter", base_checkpoint=initial_checkpoint)
         else:
-            write_model_files(model.module, directory)
+            write_model_files(trained, directory)
         copy_tokenizer_files(tokenizer_dir, directory)
 
     fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress,
