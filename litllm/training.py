@@ -83,6 +83,16 @@ def default_precision() -> str:
     return "32-true"
 
 
+def check_strategy(strategy: str, optimizer: str, quantize: str | None = None) -> None:
+    """Refuse, before any process starts, what FSDP cannot shard: bitsandbytes' quantized weights and 8-bit state."""
+    if strategy == "fsdp" and quantize:
+        raise UserError(f"--quantize {quantize} does not work with --strategy fsdp (bitsandbytes weights cannot be "
+                        f"sharded); use --strategy ddp, or no --quantize")
+    if strategy == "fsdp" and optimizer == "AdamW8bit":
+        raise UserError("--optimizer AdamW8bit does not work with --strategy fsdp (its 8-bit state cannot be "
+                        "sharded); use --optimizer AdamW")
+
+
 def setup_fabric(out_dir: Path, precision: str | None, logger: str, devices: int = 1, num_nodes: int = 1,
                  strategy: Literal["auto", "ddp", "fsdp"] = "auto") -> L.Fabric:
     """Fabric with the chosen precision, devices and strategy, and a logger writing under out_dir/logs.

@@ -1,6 +1,7 @@
 """Fine-tuning as specified: accumulation, packing, exact resume, QLoRA, outputs other tools load."""
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from litllm.checkpoint import load_model
 from litllm.data import JSON
@@ -126,6 +128,34 @@ def test_lora_run_killed_mid_epoch_resumes_with_the_same_loss_curve(tiny_chat_mo
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
+def test_two_process_fsdp_lora_equals_one_process(tiny_chat_model_dir, tmp_path):
+    """Each process holds half of every weight and adapter; padded batches differ in length between processes."""
+    steps = ["--train.max_steps", "3", "--train.global_batch_size", "8", "--lora.dropout", "0"]
+    one = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "one", *steps))
+    assert one.returncode == 0, one.stderr
+    two = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "two", *steps, "--devices", "2",
+                                                                      "--strategy", "fsdp"))
+    assert two.returncode == 0, two.stderr
+    assert len(logged(tmp_path / "one")) == 3
+    assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-6)
+    adapters = [load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_two_process_run_resumes_each_process_with_its_own_dropout_state(tiny_chat_model_dir, tmp_path):
+    steps = ["--train.max_steps", "4", "--train.save_interval", "2", "--devices", "2", "--strategy", "fsdp"]
+    reference = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "ref", *steps))
+    assert reference.returncode == 0, reference.stderr
+    shutil.copytree(tmp_path / "ref" / "step-000002", tmp_path / "resumed" / "step-000002")
+    resumed = litllm("finetune", "lora", tiny_chat_model_dir,
+                     *train_args(tmp_path / "resumed", *steps, "--resume", "true"))
+    assert resumed.returncode == 0, resumed.stderr
+    expected = logged(tmp_path / "ref")
+    assert logged(tmp_path / "resumed") == {3: expected[3], 4: expected[4]}  # exactly
+
+
 def test_lora_adapter_loads_in_peft_with_the_same_logits(tiny_chat_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -207,6 +237,12 @@ def test_bad_data_row_and_unknown_key_are_one_line_errors(tiny_chat_model_dir, t
     assert f"{bad}:2: missing key 'output'" in result.stderr.strip().splitlines()[-1]
     result = litllm("finetune", "lora", tiny_chat_model_dir, "--lora.rank", "4")
     assert result.returncode == 2 and "--lora.r" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = litllm("finetune", "lora", tiny_chat_model_dir, "--quantize", "bnb.nf4", "--devices", "2",
+                    "--strategy", "fsdp", "--out_dir", tmp_path / "qlora")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --quantize bnb.nf4 does not work with --strategy fsdp (bitsandbytes weights cannot be sharded); "
+        "use --strategy ddp, or no --quantize"]
+    assert not (tmp_path / "qlora").exists()  # refused before anything started
 
 
 @pytest.mark.parametrize("weight_trains", [False, True])

@@ -33,7 +33,8 @@ from litllm.lora import LoRAConfig, apply_lora, count_parameters, disable_adapte
     save_adapter
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
-from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
+from litllm.training import (TrainArgs, check_strategy, fit, model_dtype, prepare_data, prepare_out_dir,
+                             setup_fabric, setup_training)
 
 
 @dataclass
@@ -64,6 +65,9 @@ def setup(
     lora: LoRAConfig = LoRAConfig(),
     full: bool = False,
     adapter: Path | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     precision: str | None = None,
     optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
     logger: Literal["csv", "tensorboard", "wandb"] = "csv",
@@ -85,6 +89,11 @@ def setup(
         adapter: a LoRA adapter dir of this checkpoint (e.g. from `litllm finetune lora`) to start from: its
             layers keep training (with --full true it is merged into the weights first). The reference is then
             the checkpoint with this adapter.
+        devices: devices per node.
+        num_nodes: nodes (machines); launch with torchrun, SLURM or `fabric run`.
+        strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
+            global batch); fsdp (as ddp, but each device holds only its shard of the weights, gradients and
+            optimizer state; each transformer block is gathered just for its forward and backward).
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
@@ -95,8 +104,9 @@ def setup(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     objective = DPOLoss(dpo, train.loss_chunk_size)
+    check_strategy(strategy, optimizer)
     resume_from = prepare_out_dir(out_dir, resume, overwrite)
-    fabric = setup_fabric(out_dir, precision, logger)
+    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
     fabric.seed_everything(seed)
 
     tokenizer = Tokenizer(checkpoint_dir)

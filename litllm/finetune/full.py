@@ -15,7 +15,8 @@ from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_m
 from litllm.data import Alpaca, SFTData
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
-from litllm.training import TrainArgs, fit, model_dtype, prepare_data, prepare_out_dir, setup_fabric, setup_training
+from litllm.training import (TrainArgs, check_strategy, fit, model_dtype, prepare_data, prepare_out_dir,
+                             setup_fabric, setup_training)
 
 
 def setup(
@@ -23,6 +24,9 @@ def setup(
     out_dir: Path = Path("out/finetune/full"),
     data: SFTData | None = None,
     train: TrainArgs = TrainArgs(lr=2e-5),
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     precision: str | None = None,
     optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
     logger: Literal["csv", "tensorboard", "wandb"] = "csv",
@@ -37,6 +41,11 @@ def setup(
         out_dir: where checkpoints (HF model dirs with training state) and logs go.
         data: the fine-tuning data (default: Alpaca from the hub).
         train: training loop settings.
+        devices: devices per node.
+        num_nodes: nodes (machines); launch with torchrun, SLURM or `fabric run`.
+        strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
+            global batch); fsdp (as ddp, but each device holds only its shard of the weights, gradients and
+            optimizer state; each transformer block is gathered just for its forward and backward).
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
@@ -45,8 +54,9 @@ def setup(
         overwrite: delete an existing out_dir and start over.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    check_strategy(strategy, optimizer)
     resume_from = prepare_out_dir(out_dir, resume, overwrite)
-    fabric = setup_fabric(out_dir, precision, logger)
+    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
     fabric.seed_everything(seed)
 
     tokenizer = Tokenizer(checkpoint_dir)

@@ -28,7 +28,7 @@ from litllm.generate import generate_tokens
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
-from litllm.training import (NextTokenLoss, TrainArgs, fit, model_dtype, perplexity, prepare_out_dir, setup_fabric,
+from litllm.training import (NextTokenLoss, TrainArgs, check_strategy, fit, model_dtype, perplexity, prepare_out_dir, setup_fabric,
                              setup_training, training_flops_per_token, validate)
 
 
@@ -95,6 +95,7 @@ def setup(
     tokenizer_dir = tokenizer_dir or initial_checkpoint
     if tokenizer_dir is None:
         raise UserError("--model_name needs --tokenizer_dir DIR (a dir with tokenizer.json or tokenizer.model)")
+    check_strategy(strategy, optimizer)
     resume_from = prepare_out_dir(out_dir, resume, overwrite)
     fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
     fabric.seed_everything(seed)
