@@ -10,7 +10,8 @@ from litllm.errors import UserError
 
 
 def commands() -> dict:
-    from litllm import convert, cp, download, evaluate, generate, serve, tokenizer_tools
+    from litllm import cp, download, evaluate, generate, serve, tokenizer_tools
+    from litllm.convert import from_gguf, merge_lora, to_gguf
     from litllm.finetune import dpo, full, lora
     from litllm.pretrain import pretrain
 
@@ -24,7 +25,8 @@ def commands() -> dict:
         "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize), dpo (preference pairs).",
                      "full": full.setup, "lora": lora.setup, "dpo": dpo.setup},
         "convert": {"_help": "Convert checkpoints between formats: GGUF in and out, LoRA adapters merged.",
-                    "from_gguf": convert.from_gguf, "to_gguf": convert.to_gguf, "merge_lora": convert.merge_lora},
+                    "from_gguf": from_gguf.from_gguf, "to_gguf": to_gguf.to_gguf,
+                    "merge_lora": merge_lora.merge_lora},
         "cp": cp.cp,
         "tokenizer": {"_help": "Measure what a text costs in tokens; extend a tokenizer for a new language.",
                       "stats": tokenizer_tools.stats, "extend": tokenizer_tools.extend},

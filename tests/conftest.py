@@ -16,7 +16,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from the GGUF into a normal HF model dir (once per test run)."""
-    from litllm.convert import from_gguf
+    from litllm.convert.from_gguf import from_gguf
 
     return from_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 

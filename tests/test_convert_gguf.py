@@ -13,7 +13,7 @@ import torch
 from tokenizers import pre_tokenizers
 
 from hf_models import save_tiny_hf_model
-from litllm.convert import from_gguf
+from litllm.convert.from_gguf import from_gguf
 from litllm.errors import UserError
 
 TEXTS = [

@@ -14,7 +14,9 @@ import torch
 
 from hf_models import save_tiny_hf_model
 from litllm.checkpoint import copy_tokenizer_files, load_model
-from litllm.convert import from_gguf, merge_lora, to_gguf
+from litllm.convert.from_gguf import from_gguf
+from litllm.convert.merge_lora import merge_lora
+from litllm.convert.to_gguf import to_gguf
 from litllm.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 
 TOKENS = torch.tensor([[1, 504, 3260, 314, 253, 1345, 28, 597, 314, 6615, 30, 2]])

@@ -1,17 +1,16 @@
-"""Checkpoint conversion: GGUF in and out, LoRA adapters merged into full Hugging Face model directories.
+"""`litllm convert from_gguf`: a llama.cpp GGUF file unpacked into a Hugging Face model directory.
 
 A GGUF packs a whole model into one file: the config as metadata under llama.cpp's key names, the
-tokenizer as a vocabulary list, the weights quantized and in llama.cpp's layout. `from_gguf` unpacks
-it into the directory that litllm and `transformers` both load: config.json, generation_config.json,
-model.safetensors (float32), tokenizer.json and tokenizer_config.json. `to_gguf` packs a model dir (or
-an adapter, merged first) the other way; `merge_lora` folds an adapter into its base as a new model dir.
+tokenizer as a vocabulary list, the weights quantized and in llama.cpp's layout. This module reads it
+back into config.json, generation_config.json, model.safetensors (float32), tokenizer.json and
+tokenizer_config.json; its name tables are what to_gguf writes by.
 """
+from __future__ import annotations
 
 import json
 import math
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -21,13 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from litllm.checkpoint import check_checkpoint_dir, litllm_to_hf, load_model, parse_dtype, save_checkpoint
-from litllm.config import Config
 from litllm.errors import UserError
-from litllm.lora import load_adapter
-from litllm.lora import merge_lora as merge_lora_layers
-from litllm.model import GPT
-from litllm.tokenizer import Tokenizer as LitTokenizer
 
 # GGUF architecture -> Hugging Face (model_type, class). Mistral and most Llama fine-tunes are "llama" in GGUF.
 ARCHITECTURES = {
@@ -37,7 +30,7 @@ ARCHITECTURES = {
 }
 
 # tensor names: GGUF "blk.N.<key>" -> Hugging Face "model.layers.N.<value>"
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -50,7 +43,7 @@ _BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 # How text is cut into words before BPE, by `tokenizer.ggml.pre`. llama.cpp names the regex its vocabulary
 # was trained with; a name missing here gets GPT-2's, which is what transformers' GGUF loader does too.
@@ -76,7 +69,7 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_PRE_TOKENIZER_SPLITS = {
+PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(
         ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
          "dbrx", "smaug-bpe"],
@@ -213,9 +206,9 @@ def _hf_tensor_name(name: str, gguf_file: Path) -> str:
     stem, _, kind = name.rpartition(".")  # kind: "weight" or "bias"
     if stem.startswith("blk."):
         _, layer, part = stem.split(".", 2)
-        hf_name = part in _BLOCK_TENSORS and f"model.layers.{layer}.{_BLOCK_TENSORS[part]}"
+        hf_name = part in BLOCK_TENSORS and f"model.layers.{layer}.{BLOCK_TENSORS[part]}"
     else:
-        hf_name = _MODEL_TENSORS.get(stem)
+        hf_name = MODEL_TENSORS.get(stem)
     if not hf_name:
         raise UserError(f"{gguf_file}: tensor {name!r} has no Hugging Face counterpart; this variant is not supported")
     return f"{hf_name}.{kind}"
@@ -367,7 +360,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> To
             fuse_unk=False,
         )
     )
-    split = _PRE_TOKENIZER_SPLITS.get(pre)
+    split = PRE_TOKENIZER_SPLITS.get(pre)
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -436,270 +429,3 @@ def _shortest_float(value: float) -> float:
 
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------- merge_lora
-
-
-def merge_lora(adapter_dir: Path, out_dir: Path | None = None, base: Path | None = None,
-               overwrite: bool = False) -> Path:
-    """Fold a LoRA adapter into its base model: a full Hugging Face model dir that any tool loads.
-
-    Args:
-        adapter_dir: a LoRA adapter dir (PEFT format, e.g. out/finetune/<run>/final).
-        out_dir: where to write the merged model (default: <adapter_dir>-merged beside it).
-        base: the base checkpoint dir (default: the one the adapter names in litllm.json or adapter_config.json).
-        overwrite: replace out_dir if it exists.
-    """
-    adapter_dir = Path(adapter_dir)
-    out_dir = Path(out_dir) if out_dir is not None else adapter_dir.with_name(f"{adapter_dir.name}-merged")
-    _refuse_existing(out_dir, overwrite)
-    model, base = merged_model(adapter_dir, base)
-    save_checkpoint(model, out_dir, tokenizer_dir=adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base)
-    _copy_generation_config(base, out_dir)
-    print(f"Merged {adapter_dir} into {base} ({model.embed_tokens.weight.dtype}); saved to {out_dir}")
-    return out_dir
-
-
-def merged_model(adapter_dir: Path, base: Path | None = None) -> tuple[GPT, Path]:
-    """The base model with the adapter merged in, in the base checkpoint's dtype, and the base dir.
-
-    The merge happens in float32 on the base's original weights. An adapter trained with QLoRA (on a
-    4-bit copy of the base) is merged into those original weights too, never into 4-bit ones: a merged
-    4-bit model would round the update away.
-    """
-    base = adapter_base(adapter_dir, base)
-    model = load_model(base, dtype=torch.float32)
-    load_adapter(model, adapter_dir, base_checkpoint=base)
-    model = merge_lora_layers(model)
-    quantized = json.loads((adapter_dir / "litllm.json").read_text()).get("quantize") \
-        if (adapter_dir / "litllm.json").is_file() else None
-    if quantized:
-        print(f"The adapter was trained on a {quantized}-quantized base: merging it into the original "
-              f"full-precision weights of {base}, not into 4-bit ones")
-    return model.to(parse_dtype(Config.from_hf(base).torch_dtype) or torch.float32), base
-
-
-def adapter_base(adapter_dir: Path, base: Path | None) -> Path:
-    """The base checkpoint of an adapter: `base` if given, else the one its files name."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; is this a LoRA adapter directory?")
-    if base is None:
-        named = None
-        if (adapter_dir / "litllm.json").is_file():
-            named = json.loads((adapter_dir / "litllm.json").read_text()).get("base_checkpoint")
-        named = named or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not named or not Path(named).is_dir():
-            raise UserError(f"{adapter_dir}: its base checkpoint {named!r} is not a local directory; "
-                            "pass --base DIR with the model the adapter was trained on")
-        base = Path(named)
-    return check_checkpoint_dir(base)
-
-
-def _copy_generation_config(source: Path, out_dir: Path) -> None:
-    if (source / "generation_config.json").is_file() and not (out_dir / "generation_config.json").is_file():
-        shutil.copy2(source / "generation_config.json", out_dir / "generation_config.json")
-
-
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} already exists; pass `--overwrite true` to replace it")
-
-
-# ---------------------------------------------------------------------------------------------- to_gguf
-
-GGUF_DTYPES = {
-    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-
-
-def to_gguf(checkpoint: Path, out_file: Path | None = None, dtype: str = "f16", base: Path | None = None,
-            overwrite: bool = False) -> Path:
-    """Write a model dir (or a LoRA adapter, merged into its base first) as one llama.cpp GGUF file.
-
-    Args:
-        checkpoint: a Hugging Face model dir, or a LoRA adapter dir.
-        out_file: the .gguf file to write (default: <checkpoint>-<dtype>.gguf beside the checkpoint).
-        dtype: f16, bf16, or q8_0 (8-bit blocks, about half the size of f16). Norms stay float32, as llama.cpp keeps them.
-        base: for an adapter, its base checkpoint (default: the one the adapter names).
-        overwrite: replace out_file if it exists.
-    """
-    checkpoint = Path(checkpoint)
-    if dtype not in GGUF_DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
-    out_file = Path(out_file) if out_file is not None else checkpoint.with_name(f"{checkpoint.name}-{dtype}.gguf")
-    _refuse_existing(out_file, overwrite)
-    if (checkpoint / "adapter_config.json").is_file():
-        model, model_dir = merged_model(checkpoint, base)
-    else:
-        model_dir = check_checkpoint_dir(checkpoint)
-        model = load_model(model_dir, dtype=torch.float32)
-    config = model.config
-    if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise UserError(f"{model_dir}: model_type {config.model_type!r} cannot be exported to GGUF")
-    arch = "llama" if config.model_type in ("llama", "mistral") else config.model_type
-    if config.sliding_window is not None and config.sliding_window < config.max_seq_len:
-        print(f"Note: llama.cpp's {arch} architecture has no sliding-window attention; the GGUF model attends to "
-              f"all previous tokens, which equals this model's for prompts up to {config.sliding_window} tokens")
-    tokenizer_dir = checkpoint if (checkpoint / "tokenizer.json").is_file() else model_dir
-
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_file.with_name(f".{out_file.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        writer = gguf.GGUFWriter(staging, arch)
-        writer.add_name(model_dir.name)
-        _add_model_metadata(writer, config, GGUF_DTYPES[dtype][1])
-        _add_tokenizer_metadata(writer, tokenizer_dir, config.vocab_size)
-        for name, tensor in tqdm(_gguf_tensors(model, arch), desc="Writing GGUF", unit="tensor"):
-            _add_tensor(writer, name, tensor, GGUF_DTYPES[dtype][0])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        staging.replace(out_file)
-    finally:
-        staging.unlink(missing_ok=True)
-    print(f"Saved {out_file} ({dtype}, {out_file.stat().st_size / 1e6:.1f} MB)")
-    return out_file
-
-
-def _add_model_metadata(writer: gguf.GGUFWriter, config: Config, file_type: gguf.LlamaFileType) -> None:
-    """The `<arch>.*` keys from_gguf's hf_config reads, from litllm's Config."""
-    writer.add_context_length(config.max_seq_len)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(file_type)
-    scaling = config.rope_scaling or {"rope_type": "default"}
-    if scaling["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling["factor"])
-    elif scaling["rope_type"] == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(scaling.get("factor") or config.max_seq_len / scaling["original_max_position_embeddings"])
-        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-    # llama3 scaling is written as the `rope_freqs` tensor (see _gguf_tensors)
-
-
-# pre-tokenizers of tokenizer.json -> llama.cpp's name for them (`tokenizer.ggml.pre`), which picks its split regex
-_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
-_DIGITS = {"type": "Digits", "individual_digits": True}
-
-
-def _gguf_pre_tokenizer(pre_tokenizer: dict | None, tokenizer_file: Path) -> str:
-    def same(step: dict, expected: dict) -> bool:
-        return all(step.get(key) == value for key, value in expected.items())
-
-    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
-    if len(steps) == 1 and same(steps[0], _GPT2_BYTE_LEVEL):
-        return "gpt2"
-    if len(steps) == 2 and same(steps[0], _DIGITS) and same(steps[1], _GPT2_BYTE_LEVEL):
-        return "smollm"  # SmolLM: digits one by one, then GPT-2's regex
-    if len(steps) == 2 and steps[0].get("type") == "Split" and same(steps[1], {"type": "ByteLevel", "use_regex": False}):
-        regex = steps[0].get("pattern", {}).get("Regex")
-        for name in ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"):
-            if regex == _PRE_TOKENIZER_SPLITS[name]:
-                return name
-    raise UserError(f"{tokenizer_file}: its pre-tokenizer has no llama.cpp counterpart litllm knows "
-                    "(known: GPT-2, SmolLM, Llama 3, Qwen2, Qwen3.5, Tekken, GPT-4o splits)")
-
-
-def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path, n_embeddings: int) -> None:
-    """The vocabulary as llama.cpp stores a byte-level BPE ("gpt2") tokenizer: tokens by id, their types,
-    the merges, special ids, whether BOS is added, and the chat template."""
-    tokenizer_file = tokenizer_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise UserError(f"{tokenizer_dir}: GGUF export needs a tokenizer.json (sentencepiece-only tokenizers are "
-                        "not supported yet)")
-    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    if spec["model"]["type"] != "BPE" or spec["model"].get("byte_fallback"):
-        raise UserError(f"{tokenizer_file}: GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM); "
-                        f"this one is {spec['model']['type']}{' with byte fallback' if spec['model'].get('byte_fallback') else ''}")
-    tokenizer = LitTokenizer(tokenizer_dir)
-    id_to_token = {index: token for token, index in spec["model"]["vocab"].items()}
-    token_types = dict.fromkeys(id_to_token, gguf.TokenType.NORMAL)
-    for added in spec.get("added_tokens", []):
-        id_to_token[added["id"]] = added["content"]
-        token_types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    # one entry per embedding row: rows past the tokenizer (padding for speed) get placeholder tokens
-    size = max(n_embeddings, max(id_to_token) + 1)
-    tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(size)]
-    types = [token_types.get(i, gguf.TokenType.UNUSED) for i in range(size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_gguf_pre_tokenizer(spec.get("pre_tokenizer"), tokenizer_file))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    named = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
-             "unk": tokenizer.token_to_id(spec["model"]["unk_token"]) if spec["model"].get("unk_token") else None}
-    for key, token_id in named.items():
-        if token_id is not None:
-            getattr(writer, f"add_{key}_token_id")(token_id)
-    if other_stops := [i for i in tokenizer.stop_ids if i != tokenizer.eos_id]:
-        writer.add_eot_token_id(other_stops[0])  # e.g. Llama 3's <|eot_id|>: llama.cpp stops on it as on EOS
-    bare = tokenizer.encode("a", add_special_tokens=False)
-    with_special = tokenizer.encode("a", add_special_tokens=True)
-    writer.add_add_bos_token(tokenizer.bos_id is not None and with_special[:1] == [tokenizer.bos_id] != bare[:1])
-    writer.add_add_eos_token(tokenizer.eos_id is not None and with_special[-1:] == [tokenizer.eos_id] != bare[-1:])
-    if tokenizer.chat_template is not None:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _gguf_tensors(model: GPT, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) for every weight, in llama.cpp's layout."""
-    config = model.config
-    to_gguf_name = {hf: key for key, hf in _BLOCK_TENSORS.items()}
-    if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3":
-        # llama.cpp divides each RoPE frequency by this tensor's entry; litllm computed the scaled frequencies
-        base = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
-        yield "rope_freqs.weight", base / model.rope.inv_freq.float().cpu()
-    for name, tensor in model.state_dict().items():
-        if config.tie_embeddings and name == "lm_head.weight":
-            continue  # llama.cpp uses token_embd for the output when `output` is absent
-        hf_name = litllm_to_hf(name)
-        stem, _, kind = hf_name.rpartition(".")
-        if stem.startswith("model.layers."):
-            _, _, layer, part = stem.split(".", 3)
-            gguf_name = f"blk.{layer}.{to_gguf_name[part]}.{kind}"
-        else:
-            gguf_name = f"{_MODEL_TENSOR_NAMES[stem]}.{kind}"
-        tensor = tensor.detach().float().cpu()
-        if arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
-            n_heads = config.n_heads if ".attn_q." in gguf_name else config.n_kv_heads
-            tensor = _permute_rotary_rows(tensor, n_heads)
-        yield gguf_name, tensor
-
-
-_MODEL_TENSOR_NAMES = {hf: key for key, hf in _MODEL_TENSORS.items()}
-
-
-def _permute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of _unpermute_rotary_rows: each head's (first half, second half) rows interleaved in pairs."""
-    head_dim = weight.shape[0] // n_heads
-    halves = weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
-    return halves.transpose(1, 2).reshape(weight.shape)
-
-
-def _add_tensor(writer: gguf.GGUFWriter, name: str, tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> None:
-    data = tensor.numpy()
-    # vectors (norms, biases, rope_freqs) stay float32, as llama.cpp's converter keeps them; q8_0 needs rows
-    # that split into 32-value blocks
-    if data.ndim == 1 or (qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32):
-        writer.add_tensor(name, data.astype(np.float32))
-    elif qtype == gguf.GGMLQuantizationType.F16:
-        writer.add_tensor(name, data.astype(np.float16))
-    else:
-        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
