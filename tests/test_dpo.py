@@ -1,6 +1,5 @@
 """DPO as specified: the papers' losses, response-only log-probs, the adapter-free reference, learning on real
 preference pairs, one-line errors for bad rows, outputs other tools load, exact resume."""
-import csv
 import json
 import math
 import re
@@ -20,6 +19,7 @@ from litllm.finetune.dpo import DPOArgs, DPOLoss, dpo_loss, sequence_logps
 from litllm.lora import LoRAConfig, apply_lora, disable_adapters, save_adapter
 from litllm.tokenizer import Tokenizer
 from litllm.training import TrainArgs
+from runs import logged
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_demo.jsonl"
 MARKER = "\n\nAssistant:"
@@ -220,16 +220,6 @@ def test_adapter_disabled_reference_equals_the_base_models_logps(tiny_chat_model
 
 
 # ------------------------------------------------------------------------------------------ runs
-
-
-def logged(out_dir, key):
-    """{step: value} from every CSV log version under out_dir (a resumed run writes a new version)."""
-    values = {}
-    for path in sorted((out_dir / "logs").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get(key):
-                values[int(row["step"])] = float(row[key])
-    return values
 
 
 def run_dpo(model_dir, out_dir, resume=False, **kwargs):

@@ -1,6 +1,4 @@
 """Fine-tuning as specified: accumulation, packing, exact resume, QLoRA, outputs other tools load."""
-import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -18,13 +16,9 @@ from litllm.data import JSON
 from litllm.lora import LoRAConfig, apply_lora
 from litllm.tokenizer import Tokenizer
 from litllm.training import NextTokenLoss, accumulate_gradients, sft_loss
+from runs import litllm, logged
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def litllm(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "litllm", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, **kwargs)
 
 
 def tokenized(model_dir, max_seq_length=96, **data_kwargs):
@@ -92,16 +86,6 @@ def train_args(out_dir, *extra):
     return ["--data", "JSON", "--data.json_path", DATA / "alpaca_demo.json", "--out_dir", out_dir,
             "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_seq_length", "96",
             "--train.warmup_steps", "2", "--train.lr", "1e-3", "--train.eval_interval", "4", *extra]
-
-
-def logged(out_dir, key="loss"):
-    """{step: value} from every CSV log version under out_dir (a resumed run writes a new version)."""
-    values = {}
-    for path in sorted((out_dir / "logs").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get(key):
-                values[int(row["step"])] = float(row[key])
-    return values
 
 
 def test_lora_run_killed_mid_epoch_resumes_with_the_same_loss_curve(tiny_chat_model_dir, tmp_path):

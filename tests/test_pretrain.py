@@ -1,6 +1,5 @@
 """Pretraining as specified: the prepared corpus, named configs, exact resume, DDP and FSDP = one process, HF
 outputs."""
-import csv
 import json
 import shutil
 import signal
@@ -18,23 +17,9 @@ from litllm.config import NAMED_CONFIGS, PARAMETER_COUNTS
 from litllm.data import TextCorpus, TokenWindows
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
+from runs import litllm, logged
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def litllm(*args):
-    return subprocess.run([sys.executable, "-m", "litllm", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
-
-
-def logged(out_dir, key="loss"):
-    """{step: value} from every CSV log version under out_dir (a resumed run writes a new version)."""
-    values = {}
-    for path in sorted((out_dir / "logs").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get(key):
-                values[int(row["step"])] = float(row[key])
-    return values
 
 
 @pytest.fixture(scope="module")
