@@ -15,7 +15,7 @@ import torch
 from common import append_results, machine
 
 from litllm import LLM
-from litllm.generate import generate_tokens
+from litllm.decode import generate_tokens
 
 PROMPT = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 

@@ -7,7 +7,7 @@ Modes: `lora` (r=8, alpha=16, no dropout, all seven linear layers of every block
 precisions: `32-true` and `bf16-mixed` (fp32 weights, bf16 autocast). The batches are built once from real rows of
 data/alpaca_demo.json with litllm's tokenizer and data pipeline (concatenated into batch_size x seq_len tokens, every
 position a target) and the identical tensors go to both sides. Each side runs in its own subprocess (`--worker`), so
-its peak RSS is its own. litllm trains through its real path (Fabric, `accumulate_gradients`, `build_optimizer`);
+its peak RSS is its own. litllm trains through its real path (Fabric, the lora script's `next_token_loss`, `StepUnits`, `build_optimizer`);
 transformers through `model(input_ids, labels=labels).loss.backward()`. Prints one table and appends it to
 benchmarks/RESULTS.md (unless --no_append).
 """
@@ -44,12 +44,16 @@ def build_batches(checkpoint_dir: Path, data_path: Path, count: int, batch_size:
 
 
 def litllm_step(args):
-    """A function doing one optimizer step on a batch, as litllm's `fit` does it (no clipping, no scheduler)."""
-    import lightning as L
+    """A function doing one optimizer step on a batch, as the lora script's `fit` does it (no clipping, no scheduler)."""
+    import lightning_fabric as L
 
     from litllm.checkpoint import load_model
+    from litllm.finetune.lora import next_token_loss
     from litllm.lora import LoRAConfig, apply_lora
-    from litllm.training import NextTokenLoss, TrainArgs, accumulate_gradients, build_optimizer, model_dtype
+    from litllm.training.args import TrainArgs
+    from litllm.training.fabric import model_dtype
+    from litllm.training.loop import StepUnits, build_optimizer
+    from litllm.training.losses import count_targets
 
     fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
     model = load_model(args.checkpoint_dir, dtype=model_dtype(fabric))
@@ -58,13 +62,15 @@ def litllm_step(args):
     model.train()
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model.parameters(), "AdamW", TrainArgs(lr=args.lr)))
-    objective = NextTokenLoss(TrainArgs().loss_chunk_size)
+    chunk_size = TrainArgs().loss_chunk_size
 
     def step(batch: dict) -> float:
-        loss = accumulate_gradients(fabric, model, [batch], objective)["loss"]
+        units = StepUnits(fabric, count_targets(batch))
+        loss = next_token_loss(model, fabric.to_device(batch), chunk_size)
+        fabric.backward(loss * units.loss_scale)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return units.mean({"loss": loss.detach()})["loss"]
 
     return step
 

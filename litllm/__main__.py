@@ -1,3 +1,3 @@
-from litllm.cli import main
+from litllm.commands import main
 
 main()

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,7 +12,9 @@ from safetensors.torch import save_file
 
 from litllm.config import Config
 from litllm.errors import UserError
+from litllm.files import atomic_dir
 from litllm.model import GPT
+from litllm.tokenizer import TOKENIZER_FILES
 
 # litllm name <-> HF name, per block; leaf names (q_proj, gate_proj, ...) are shared
 _BLOCK_NAMES = [
@@ -27,10 +25,6 @@ _BLOCK_NAMES = [
 ]
 _HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.([a-z_]+)\.(.+)$")
 _LIT_BLOCK = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(.+)$")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt",
-)
 
 
 def hf_to_litllm(name: str) -> str:
@@ -123,32 +117,6 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.to(device)
     return model.eval()
-
-
-@contextmanager
-def atomic_dir(out_dir: Path | str) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir` to fill; on success it replaces `out_dir` in one rename.
-
-    A run killed at any moment leaves either the old complete directory or the new one, never half of one.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def copy_tokenizer_files(source_dir: Path | str, out_dir: Path | str) -> None:

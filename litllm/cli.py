@@ -1,4 +1,5 @@
-"""The `litllm` command: one jsonargparse CLI over the task functions; their signatures are the options."""
+"""The command-line runner every task script uses: jsonargparse builds the options from the function's signature
+(and its YAML config schema), and user mistakes end in one line with exit code 2."""
 from __future__ import annotations
 
 import re
@@ -7,30 +8,6 @@ import sys
 from jsonargparse import ArgumentParser
 
 from litllm.errors import UserError
-
-
-def commands() -> dict:
-    from litllm import cp, download, evaluate, generate, serve, tokenizer_tools
-    from litllm.convert import from_gguf, merge_lora, to_gguf
-    from litllm.finetune import dpo, full, lora
-    from litllm.pretrain import pretrain
-
-    return {
-        "download": download.download,
-        "generate": generate.main,
-        "chat": generate.chat,
-        "pretrain": pretrain.setup,
-        "evaluate": evaluate.main,
-        "serve": serve.main,
-        "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize), dpo (preference pairs).",
-                     "full": full.setup, "lora": lora.setup, "dpo": dpo.setup},
-        "convert": {"_help": "Convert checkpoints between formats: GGUF in and out, LoRA adapters merged.",
-                    "from_gguf": from_gguf.from_gguf, "to_gguf": to_gguf.to_gguf,
-                    "merge_lora": merge_lora.merge_lora},
-        "cp": cp.cp,
-        "tokenizer": {"_help": "Measure what a text costs in tokens; extend a tokenizer for a new language.",
-                      "stats": tokenizer_tools.stats, "extend": tokenizer_tools.extend},
-    }
 
 
 class OneLineErrorParser(ArgumentParser):
@@ -54,17 +31,8 @@ def _subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser | No
     return subcommands._name_parser_map.get(name) if subcommands else None
 
 
-def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
-    if args[:2] == ["cp", "--list"]:  # a listing, not a copy: no script and destination to ask for
-        from litllm.cp import list_scripts
-
-        return list_scripts()
-    run(commands(), args)
-
-
 def run(components, args: list[str] | None = None) -> None:
-    """Run a CLI over `components` (a function, or a dict of them); used by `litllm` and by copied scripts."""
+    """Run a CLI over `components`: a function (a copied script runs `run(setup)`), or a dict of them."""
     from jsonargparse import auto_cli
 
     try:

@@ -8,7 +8,9 @@ from typing import Any
 
 from litllm.errors import UserError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# model_type -> the transformers class that loads it (config.json's "architectures")
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -123,10 +125,8 @@ class Config:
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads. RoPE goes in the older `rope_theta` + `rope_scaling`
         layout, which transformers 4 and 5, vLLM and llama.cpp's converter all read."""
-        architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
         hf = {
-            "architectures": [architectures[self.model_type]],
+            "architectures": [FAMILIES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from litllm.errors import UserError
+from litllm.files import atomic_file, refuse_to_overwrite
 
 PACKAGE_DIR = Path(__file__).parent
 
@@ -37,10 +38,9 @@ def cp(script: str, dest: Path, overwrite: bool = False) -> Path:
     dest = Path(dest)
     if dest.is_dir():
         dest = dest / Path(SCRIPTS[script]).name
-    if dest.exists() and not overwrite:
-        raise UserError(f"{dest} already exists; pass --overwrite true to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PACKAGE_DIR / SCRIPTS[script], dest)
+    refuse_to_overwrite(dest, overwrite)
+    with atomic_file(dest) as tmp:
+        shutil.copyfile(PACKAGE_DIR / SCRIPTS[script], tmp)
     print(f"Copied {script} to {dest}; run it with: python {dest} --help")
     return dest
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from litllm.errors import UserError
+from litllm.tokenizer import TOKENIZER_FILES
 
 # weights as safetensors only (never pickles), plus config, tokenizer and generation settings
-ALLOW_PATTERNS = [
-    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja",
-]
+ALLOW_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", *TOKENIZER_FILES]
 
 
 def download(

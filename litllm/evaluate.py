@@ -18,17 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, load_model, parse_dtype
+from litllm.decode import column_major_weights, generate_tokens, stream_text
 from litllm.errors import UserError
-from litllm.generate import generate_tokens, stream_text
 from litllm.lora import load_adapter
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
+from litllm.training.losses import token_logprobs
 
 # generation_kwargs a task may set that litllm's sampler understands (lm-eval normalizes max_new_tokens & co.
 # into max_gen_toks, and do_sample/temperature into each other)
@@ -65,8 +65,6 @@ class LitLLM(TemplateLM):
         if adapter is not None:
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
         if self._device.type == "cpu" and self.model.embed_tokens.weight.dtype == torch.float32:
-            from litllm.api import column_major_weights
-
             column_major_weights(self.model)
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir
@@ -199,7 +197,7 @@ class LitLLM(TemplateLM):
             hidden = model(torch.tensor(contexts, device=device), torch.arange(context_len, device=device),
                            return_hidden=True)[:, -1]  # (n_contexts, hidden_size): predicts each continuation's 1st
             first = self._token_logprobs(hidden[context_rows], [c[:1] for c in continuations])
-            context_cache = [(block.attn.kv_cache.k, block.attn.kv_cache.v) for block in model.layers]
+            prefilled = model.kv_cache_snapshot()
             rest = [first[i][:, :0] for i in range(len(continuations))]
             longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
             # up to batch_size continuations per context: short answers of a batch of contexts run in one pass,
@@ -207,7 +205,7 @@ class LitLLM(TemplateLM):
             rows = self.batch_size * len(contexts)
             for start in range(0, len(longer), rows):
                 chunk = longer[start:start + rows]
-                _set_kv_cache_rows(model, context_cache, torch.tensor([context_rows[i] for i in chunk], device=device))
+                model.restore_kv_cache_rows(prefilled, torch.tensor([context_rows[i] for i in chunk], device=device))
                 inputs = [continuations[i][:-1] for i in chunk]
                 width = len(inputs[0])  # the longest: chunks are sorted by length
                 padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in inputs], device=device)
@@ -230,11 +228,9 @@ class LitLLM(TemplateLM):
         """For hidden states (sum of len(targets), hidden_size), per target row a (2, len(row)) float32 tensor:
         log p of each target token, and 1 where it is the argmax. Log-softmax in float32 over the full
         vocabulary, as HFLM."""
-        logprobs = F.log_softmax(self.model.lm_head(hidden).float(), dim=-1)  # (n_tokens, vocab)
-        flat = torch.tensor([t for row in targets for t in row], device=logprobs.device)
-        picked = logprobs.gather(1, flat.unsqueeze(1)).squeeze(1)
-        greedy = (logprobs.argmax(dim=-1) == flat).float()
-        return list(torch.stack([picked, greedy]).cpu().split([len(row) for row in targets], dim=1))
+        flat = torch.tensor([t for row in targets for t in row], device=hidden.device)
+        logprobs, greedy = token_logprobs(self.model.lm_head, hidden, flat, chunk_size=len(flat))
+        return list(torch.stack([logprobs, greedy.float()]).cpu().split([len(row) for row in targets], dim=1))
 
     # ------------------------------------------------------------------------------------------ generation
 
@@ -280,13 +276,6 @@ def _equal_length_batches(contexts: list[tuple[int, ...]], batch_size: int) -> I
         batch.append(context)
     if batch:
         yield batch
-
-
-def _set_kv_cache_rows(model: GPT, context_cache: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> None:
-    """Give every layer a KV cache whose row i is a copy of the cached context `rows[i]`."""
-    for block, (keys, values) in zip(model.layers, context_cache):
-        block.attn.kv_cache.k = keys.index_select(0, rows)
-        block.attn.kv_cache.v = values.index_select(0, rows)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

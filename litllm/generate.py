@@ -1,147 +1,10 @@
-"""Decoding with a preallocated KV cache: greedy, temperature, top-k, top-p; streaming; `generate` and `chat`."""
+"""`litllm generate` (complete a raw prompt) and `litllm chat` (talk with the chat template), through LLM."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import torch
-
-from litllm.errors import UserError
-from litllm.model import GPT
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, vocab). temperature 0 is greedy (argmax)."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the more likely ones already cover top_p of the mass; the first always stays
-        drop = probs.cumsum(dim=-1) - probs > top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model: GPT,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    stop_ids: Iterable[int] = (),
-    seed: int | None = None,
-    decode_step: Callable | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time; the last one is a stop id if generation stopped on one.
-
-    `decode_step` runs the one-token steps instead of `model` (LLM passes its torch.compile'd model).
-    """
-    max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
-    device = model.embed_tokens.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop_ids = set(stop_ids)
-    decode_step = model if decode_step is None else decode_step
-    # cache lengths in steps of 256, so a compiled decode step sees few distinct shapes (no recompiles)
-    cache_len = min(model.config.max_seq_len, -(-(len(prompt_ids) + max_new_tokens) // 256) * 256)
-    model.setup_kv_cache(batch_size=1, max_seq_len=cache_len)
-    try:
-        input_pos = torch.arange(len(prompt_ids), device=device)
-        logits = model(torch.tensor([prompt_ids], device=device), input_pos)[:, -1]  # prefill
-        for _ in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)
-            yield int(token)
-            if int(token) in stop_ids:
-                return
-            input_pos = input_pos[-1:] + 1
-            logits = decode_step(token.view(1, 1), input_pos)[:, -1]
-    finally:
-        model.clear_kv_cache()
-
-
-def check_length(prompt_len: int, max_new_tokens: int, context: int) -> int:
-    """The number of new tokens that fit the context; a prompt that alone fills it is a user error."""
-    if prompt_len >= context:
-        raise UserError(
-            f"the prompt is {prompt_len} tokens but the model's context is {context}; shorten the prompt"
-        )
-    return min(max_new_tokens, context - prompt_len)
-
-
-def stream_text(tokenizer, tokens: Iterable[int], stop: list[str] | None = None) -> Iterator[str]:
-    """Turn a token stream into text pieces, ending before any stop id or stop string (see TextStream)."""
-    text = TextStream(tokenizer, stop)
-    for token in tokens:
-        if piece := text.add(token):
-            yield piece
-        if text.finished:
-            return
-    if piece := text.flush():
-        yield piece
-
-
-class TextStream:
-    """The text of a growing token sequence, one piece per token, ending before any stop id or stop string.
-
-    Text is re-decoded from all tokens so far (a Korean syllable can span tokens); a piece is held back
-    while it ends in a partial UTF-8 character or could be the start of a stop string. Tokens are pushed
-    in (`add`), so a server can feed many sequences from one decoding loop.
-    """
-
-    def __init__(self, tokenizer, stop: list[str] | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop or [] if s]
-        self.stop_ids = set(tokenizer.stop_ids)
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.finished = False  # a stop id or stop string was reached: add no more tokens
-
-    def add(self, token: int) -> str:
-        """The new text that `token` makes safe to show ("" while it is held back)."""
-        if token in self.stop_ids:
-            self.finished = True
-            return self.flush()
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.text.endswith("\ufffd"):
-            return ""
-        hits = [h for h in (self.text.find(s, self.emitted) for s in self.stop) if h >= 0]
-        if hits:
-            self.finished = True
-            piece, self.emitted = self.text[self.emitted:min(hits)], len(self.text)
-            return piece
-        safe = len(self.text) - _partial_stop_length(self.text, self.stop)
-        piece = self.text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted += len(piece)
-        return piece
-
-    def flush(self) -> str:
-        """The text held back so far, once no more tokens will come."""
-        piece, self.emitted = self.text[self.emitted:], len(self.text)
-        return piece
-
-
-def _partial_stop_length(text: str, stop: list[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string."""
-    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
+from litllm.api import LLM
 
 
 def main(
@@ -174,8 +37,6 @@ def main(
         device: cpu or cuda (default: cuda when available).
         compile: torch.compile the decode step: faster tokens after a one-off compile (about a minute on CPU).
     """
-    from litllm.api import LLM
-
     llm = LLM.load(checkpoint_dir, dtype=dtype, device=device, adapter=adapter, compile=compile)
     pieces = llm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, stop=stop, stream=True)
@@ -212,8 +73,6 @@ def chat(
         device: cpu or cuda (default: cuda when available).
         compile: torch.compile the decode step: faster tokens after a one-off compile (about a minute on CPU).
     """
-    from litllm.api import LLM
-
     llm = LLM.load(checkpoint_dir, dtype=dtype, device=device, adapter=adapter, compile=compile)
     llm.tokenizer.apply_chat_template([{"role": "user", "content": ""}])  # no template: fail before the prompt
     messages = [{"role": "system", "content": system}] if system else []

@@ -108,6 +108,21 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
         self.mask_cache = None
 
+    def kv_cache_bytes(self) -> int:
+        return sum(block.attn.kv_cache.k.nbytes + block.attn.kv_cache.v.nbytes for block in self.layers
+                   if block.attn.kv_cache is not None)
+
+    def kv_cache_snapshot(self) -> list[KVCache]:
+        """The KV cache as it is now (the tensors themselves, not a copy), to start later rows from with
+        `restore_kv_cache_rows`, e.g. a prefilled context whose continuations each run on a copy of it."""
+        return [block.attn.kv_cache for block in self.layers]
+
+    def restore_kv_cache_rows(self, snapshot: list[KVCache], rows: torch.Tensor) -> None:
+        """Give every layer a new cache whose row i is a copy of row `rows[i]` of `snapshot` (the snapshot itself is
+        never written to again)."""
+        for block, cache in zip(self.layers, snapshot):
+            block.attn.kv_cache = cache.select_rows(rows)
+
 
 def build_mask(size: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
     """(size, size) bool, True where query i may attend to key j: causal, and within the window."""
@@ -172,10 +187,18 @@ class Attention(nn.Module):
 
 
 class KVCache(nn.Module):
+    """Keys and values (B, n_kv_heads, max_seq_len, head_dim) of every position decoded so far, per row."""
+
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache whose row i is a copy of this one's row `rows[i]`."""
+        copied = KVCache((0,), self.k.dtype, self.k.device)
+        copied.k, copied.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        return copied
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice | None = None):
         """Write k, v (B, n_kv_heads, T, head_dim) at `input_pos`, (T,) or per row (B, T), into cache `rows`."""

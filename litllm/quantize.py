@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 
 from litllm.errors import UserError
 
-QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+QuantizeMode = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
+QUANTIZE_MODES = get_args(QuantizeMode)
 PIP_INSTALL = "pip install 'bitsandbytes>=0.50.2'"  # tested: 4-bit and int8 layers train on CPU
 
 
 def quantize_model(
     model: nn.Module,
-    mode: str,
+    mode: QuantizeMode,
     compute_dtype: torch.dtype | None = None,
     skip: Iterable[str] = ("lm_head",),
     device: torch.device | str | None = None,

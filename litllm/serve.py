@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from litllm.errors import UserError
-from litllm.generate import TextStream, sample
+from litllm.decode import TextStream, sample
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 
@@ -461,7 +461,7 @@ def main(
     scheduler = Scheduler(llm.model, max_batch_size, max_seq_len)
     model_name = llm.checkpoint_dir.resolve().name
     app = build_app(llm.tokenizer, scheduler, model_name, api_key)
-    cache_gb = sum(block.attn.kv_cache.k.nbytes + block.attn.kv_cache.v.nbytes for block in llm.model.layers) / 1e9
+    cache_gb = llm.model.kv_cache_bytes() / 1e9
     print(f"Serving '{model_name}' at http://{host}:{port}/v1: up to {max_batch_size} requests decoded together, "
           f"{max_seq_len} tokens each (KV cache {cache_gb:.2f} GB){', API key required' if api_key else ''}. "
           "Ctrl-C stops.", file=sys.stderr)

@@ -33,6 +33,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from litllm.errors import UserError
 
+# The files a checkpoint's tokenizer and chat template live in (copied into every checkpoint litllm writes)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
 # The named special tokens of transformers (`SPECIAL_TOKENS_ATTRIBUTES`), in its order.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 

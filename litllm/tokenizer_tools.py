@@ -33,10 +33,11 @@ import tokenizers
 from tokenizers import pre_tokenizers, trainers
 from tqdm import tqdm
 
-from litllm.checkpoint import TOKENIZER_FILES, atomic_dir, check_checkpoint_dir, load_model, write_model_files
+from litllm.checkpoint import check_checkpoint_dir, load_model, write_model_files
+from litllm.files import atomic_dir, refuse_to_overwrite
 from litllm.errors import UserError
 from litllm.model import GPT
-from litllm.tokenizer import Tokenizer
+from litllm.tokenizer import TOKENIZER_FILES, Tokenizer
 
 
 @dataclass
@@ -136,8 +137,7 @@ def extend(checkpoint_dir: Path, corpus: Path | None = None, num_new_tokens: int
         raise UserError(f"{corpus}: corpus file not found")
     if num_new_tokens < 1:
         raise UserError(f"--num_new_tokens must be at least 1, got {num_new_tokens}")
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir} already exists; pass `--overwrite true` to replace it")
+    refuse_to_overwrite(out_dir, overwrite)
     base = _read_byte_level_bpe(checkpoint_dir / "tokenizer.json")
 
     model = load_model(checkpoint_dir)

@@ -4,7 +4,7 @@ import torch
 
 from hf_models import save_tiny_hf_model
 from litllm.checkpoint import load_model
-from litllm.generate import generate_tokens
+from litllm.decode import generate_tokens
 
 NEW_TOKENS = 8
 

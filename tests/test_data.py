@@ -75,7 +75,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def first_rows(path: Path, count: int) -> list[dict]:
-    return [row for _, row in read_rows(path)[:count]]
+    return [row for _, row in list(read_rows(path))[:count]]
 
 
 def everything(data, tokenizer, max_seq_length=4096):

@@ -15,10 +15,11 @@ from litllm.checkpoint import load_model
 from litllm.data import Preference
 from litllm.errors import UserError
 from litllm.finetune import dpo
-from litllm.finetune.dpo import DPOArgs, DPOLoss, dpo_loss, sequence_logps
+from litllm.finetune.dpo import DPOArgs, dpo_loss, dpo_objective
 from litllm.lora import LoRAConfig, apply_lora, disable_adapters, save_adapter
 from litllm.tokenizer import Tokenizer
-from litllm.training import TrainArgs
+from litllm.training.args import TrainArgs
+from litllm.training.losses import sequence_logprobs
 from runs import logged
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_demo.jsonl"
@@ -68,9 +69,9 @@ def test_loss_for_fixed_logps_equals_the_papers_formula(loss, label_smoothing):
 
 def test_bad_dpo_options_are_user_errors():
     with pytest.raises(UserError, match="label_smoothing applies to --dpo.loss sigmoid only"):
-        DPOLoss(DPOArgs(loss="ipo", label_smoothing=0.1), 64)
+        DPOArgs(loss="ipo", label_smoothing=0.1)
     with pytest.raises(UserError, match="--dpo.beta must be above 0"):
-        DPOLoss(DPOArgs(beta=0.0), 64)
+        DPOArgs(beta=0.0)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -172,12 +173,12 @@ def test_bad_preference_rows_name_file_line_and_key(tiny_chat_model_dir, tmp_pat
 # ------------------------------------------------------------------------------------------ log-probs
 
 
-def test_sequence_logps_sum_only_response_tokens_as_transformers_scores_them(tiny_chat_model_dir, demo_pairs):
+def test_sequence_logprobs_sum_only_response_tokens_as_transformers_scores_them(tiny_chat_model_dir, demo_pairs):
     from transformers import AutoModelForCausalLM
 
     batch = demo_pairs.collate([demo_pairs[i] for i in range(3)])  # 6 rows of different lengths, padded
     model = load_model(tiny_chat_model_dir).train()
-    ours = sequence_logps(model, batch, chunk_size=37)
+    ours = sequence_logprobs(model, batch, chunk_size=37)
     reference = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logps = reference(batch["input_ids"]).logits[:, :-1].log_softmax(-1)
@@ -199,10 +200,12 @@ def test_sequence_logps_sum_only_response_tokens_as_transformers_scores_them(tin
 
 def test_adapter_disabled_reference_equals_the_base_models_logps(tiny_chat_model_dir, demo_pairs):
     batch = demo_pairs.collate([demo_pairs[i] for i in range(2)])
-    base = sequence_logps(load_model(tiny_chat_model_dir), batch, chunk_size=64)
+    base = sequence_logprobs(load_model(tiny_chat_model_dir), batch, chunk_size=64)
     model = apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=4, dropout=0.0, targets=["q_proj", "v_proj",
                                                                                               "lm_head"]))
-    objective = DPOLoss(DPOArgs(), chunk_size=64)
+    def objective(model, batch):
+        return dpo_objective(model, batch, DPOArgs(), chunk_size=64)
+
     with torch.no_grad():
         loss, metrics = objective(model, batch)  # fresh adapters (B = 0): the policy is the reference
         assert loss.item() == pytest.approx(2 * math.log(2))
@@ -211,8 +214,8 @@ def test_adapter_disabled_reference_equals_the_base_models_logps(tiny_chat_model
             if "lora_B" in name:
                 param.normal_(0, 0.5)
         with disable_adapters(model):
-            torch.testing.assert_close(sequence_logps(model, batch, chunk_size=64), base, atol=1e-4, rtol=0)
-        adapted = sequence_logps(model, batch, chunk_size=64)
+            torch.testing.assert_close(sequence_logprobs(model, batch, chunk_size=64), base, atol=1e-4, rtol=0)
+        adapted = sequence_logprobs(model, batch, chunk_size=64)
         assert (adapted - base).abs().min() > 0.1
         _, metrics = objective(model, batch)
         chosen, rejected = (adapted - base).chunk(2)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
+import lightning_fabric as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +15,9 @@ from litllm.checkpoint import load_model
 from litllm.data import JSON
 from litllm.lora import LoRAConfig, apply_lora
 from litllm.tokenizer import Tokenizer
-from litllm.training import NextTokenLoss, accumulate_gradients, sft_loss
+from litllm.finetune.lora import next_token_loss
+from litllm.training.loop import StepUnits
+from litllm.training.losses import count_targets
 from runs import litllm, logged
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -39,12 +41,20 @@ def test_grad_accumulation_equals_large_batch(tiny_chat_model_dir):
     assert len(set(counts)) > 1  # uneven numbers of target tokens per example
 
     model = fabric.setup_module(load_model(tiny_chat_model_dir).train())
-    one_big = accumulate_gradients(fabric, model, [train.collate(examples)], NextTokenLoss(chunk_size=64))
-    expected = gradients(model)
-    model.zero_grad()
-    four_small = accumulate_gradients(fabric, model, [train.collate([e]) for e in examples], NextTokenLoss(chunk_size=64))
-    actual = gradients(model)
-    assert one_big["loss"] == pytest.approx(four_small["loss"], abs=1e-6)
+
+    def step_gradients(micro_batches):  # what a training script does with one step's micro-batches
+        model.zero_grad()
+        units = StepUnits(fabric, sum(count_targets(batch) for batch in micro_batches))
+        loss_sum = 0.0
+        for batch in micro_batches:
+            loss = next_token_loss(model, batch, chunk_size=64)
+            fabric.backward(loss * units.loss_scale)
+            loss_sum += loss.detach()
+        return units.mean({"loss": loss_sum})["loss"], gradients(model)
+
+    one_big, expected = step_gradients([train.collate(examples)])
+    four_small, actual = step_gradients([train.collate([e]) for e in examples])
+    assert one_big == pytest.approx(four_small, abs=1e-6)
     assert expected.keys() == actual.keys() and expected
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -61,7 +71,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_chat_model_dir):
     grads = {}
     for name, data in (("unpacked", unpacked), ("packed", packed)):
         model.zero_grad()
-        total = sum(sft_loss(model, data.collate([data[i]]), chunk_size=128) for i in range(len(data)))
+        total = sum(next_token_loss(model, data.collate([data[i]]), chunk_size=128) for i in range(len(data)))
         total.backward()
         losses[name], grads[name] = total.item(), gradients(model)
     assert losses["packed"] == pytest.approx(losses["unpacked"], rel=1e-5)
@@ -197,7 +207,7 @@ def test_qlora_nf4_lowers_the_training_loss_of_smollm2_on_real_data(smollm2_dir)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for _ in range(5):  # the same batch each step: the adapters must fit it
-        loss = sft_loss(model.train(), batch, chunk_size=128) / int((batch["labels"][:, 1:] != -100).sum())
+        loss = next_token_loss(model.train(), batch, chunk_size=128) / count_targets(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -231,16 +241,14 @@ def test_bad_data_row_and_unknown_key_are_one_line_errors(tiny_chat_model_dir, t
 
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains):
-    from litllm.training import chunked_cross_entropy
+    from litllm.training.losses import cross_entropy_sum
 
     torch.manual_seed(0)
     lm_head = torch.nn.Linear(32, 1000, bias=False).requires_grad_(weight_trains)
-    model = torch.nn.Module()
-    model.lm_head = lm_head
     hidden = torch.randn(3, 17, 32, requires_grad=True)
     labels = torch.randint(0, 1000, (3, 17))
     labels[0, :5] = -100  # a masked prompt
-    ours = chunked_cross_entropy(model, hidden, labels, chunk_size=7)
+    ours = cross_entropy_sum(lm_head, hidden, labels, chunk_size=7)
     ours.backward()
     ours_grads = [hidden.grad.clone()] + ([lm_head.weight.grad.clone()] if weight_trains else [])
     hidden.grad, lm_head.weight.grad = None, None

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from litllm import LLM
-from litllm.generate import generate_tokens, sample, stream_text
+from litllm.checkpoint import load_model
+from litllm.decode import generate_tokens, sample, stream_text
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -47,7 +48,14 @@ def test_llm_api_generate_chat_and_logits(llm, hf_model):
     ids = llm.tokenizer.encode("The quick brown fox")
     logits = llm.model(torch.tensor([ids]))
     assert logits.shape == (1, len(ids), llm.model.config.vocab_size) and logits.dtype == torch.float32
-    torch.testing.assert_close(logits, hf_model(torch.tensor([ids])).logits, atol=1e-4, rtol=0)
+    reference = hf_model(torch.tensor([ids])).logits
+    # LLM.load keeps linear weights column-major for decoding speed: other matmul kernels, another summation order,
+    # so it is compared with the float64 truth, against which it must be as accurate as transformers' float32
+    exact = hf_model.to(torch.float64)(torch.tensor([ids])).logits
+    hf_model.to(torch.float32)
+    assert (logits - exact).abs().max() <= 1.5 * (reference - exact).abs().max()
+    # in the usual layout, litllm computes what transformers does
+    torch.testing.assert_close(load_model(llm.checkpoint_dir)(torch.tensor([ids])), reference, atol=1e-4, rtol=0)
     completion = llm.generate("The capital of Germany is", max_new_tokens=8)
     assert completion == "".join(llm.generate("The capital of Germany is", max_new_tokens=8, stream=True))
 

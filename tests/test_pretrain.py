@@ -109,7 +109,7 @@ def test_flops_per_token_equals_torch_flop_counter_on_a_training_step(tied):
     from torch.utils.flop_counter import FlopCounterMode
 
     from litllm.config import Config
-    from litllm.training import training_flops_per_token
+    from litllm.training.loop import training_flops_per_token
 
     model = GPT(Config(vocab_size=256, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
                        tie_embeddings=tied))
@@ -270,7 +270,7 @@ def test_llama_tiny_from_scratch_learns_and_loads_in_transformers(smollm2_dir, c
 
 
 def test_user_mistakes_are_one_line_errors(tiny_chat_model_dir, tmp_path, capsys):
-    from litllm.cli import main
+    from litllm.commands import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text key"}\n')

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from litllm import LLM
-from litllm.generate import generate_tokens
+from litllm.decode import generate_tokens
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from litllm import cli
+from litllm.commands import main
 from litllm.checkpoint import load_model
 from litllm.errors import UserError
 from litllm.tokenizer import Tokenizer
@@ -197,7 +197,7 @@ def test_cli_stats_prints_one_row_per_tokenizer(tiny_chat_model_dir, extended_di
     held_out.write_text("\n".join(korean_held_out) + "\n", encoding="utf-8")
     expected = stats(tiny_chat_model_dir, data=held_out, compare=extended_dir)
     capsys.readouterr()
-    cli.main(["tokenizer", "stats", str(tiny_chat_model_dir), "--data", str(held_out), "--compare", str(extended_dir)])
+    main(["tokenizer", "stats", str(tiny_chat_model_dir), "--data", str(held_out), "--compare", str(extended_dir)])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert [row[-1] for row in rows if row[0] in (str(tiny_chat_model_dir), str(extended_dir))] == [
         f"{result.tokens:,}" for result in expected]
@@ -205,7 +205,7 @@ def test_cli_stats_prints_one_row_per_tokenizer(tiny_chat_model_dir, extended_di
 
 def test_cli_extend_without_corpus_is_a_one_line_error(tiny_chat_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["tokenizer", "extend", str(tiny_chat_model_dir), "--num_new_tokens", "10",
+        main(["tokenizer", "extend", str(tiny_chat_model_dir), "--num_new_tokens", "10",
                   "--out_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [

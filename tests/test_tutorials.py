@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from litllm import cli
+from litllm.commands import main
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "tutorials").glob("*.md"))]
@@ -82,6 +82,6 @@ def test_command_parses(where, args, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # commands name config_hub/ and data/ files relative to the repository
     extra = [] if "--help" in args or args == ["cp", "--list"] else ["--print_config"]
     try:
-        cli.main(args + extra)
+        main(args + extra)
     except SystemExit as exit:
         assert exit.code in (0, None), f"{where}\n{capsys.readouterr().err}"

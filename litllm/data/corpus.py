@@ -19,7 +19,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,12 @@ from tqdm import tqdm
 
 from litllm.data.jsonl import read_rows
 from litllm.errors import UserError
-from litllm.tokenizer import Tokenizer
+from litllm.files import atomic_file
+from litllm.tokenizer import TOKENIZER_FILES, Tokenizer
 
 FORMAT_VERSION = 1  # part of the cache key: bump when the token file layout changes
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-TOKENIZER_KEY_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -71,7 +70,12 @@ class TextCorpus:
         if not len(train):
             raise UserError(f"the corpus has {meta['train_tokens']} training tokens, fewer than one window of "
                             f"{max_seq_length}; add text or lower --train.max_seq_length")
+        self._summary = (f"{len(train):,} training and {len(val):,} validation windows of {max_seq_length} tokens, "
+                         f"from {meta['documents']:,} documents ({meta['tokens']:,} tokens)")
         return train, val
+
+    def summary(self) -> str:
+        return self._summary
 
     def prepare(self, tokenizer: Tokenizer) -> Path:
         """The cache directory holding tokens.bin and meta.json for this corpus and tokenizer; tokenize if needed."""
@@ -90,24 +94,19 @@ class TextCorpus:
         total_bytes = sum(file.stat().st_size for file in files)
         workers = self.num_workers or min(os.cpu_count() or 1, 8)
         n_tokens = n_documents = 0
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tokens.bin.tmp-", delete=False) as tmp, \
+        with atomic_file(out_dir / "tokens.bin") as tmp, open(tmp, "wb") as tokens, \
                 tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Tokenizing") as bar:
-            try:
-                for ids, n_bytes in _tokenize_all(tokenizer.checkpoint_dir, self.documents(files), workers):
-                    tmp.write(np.asarray(ids, dtype=dtype).tobytes())
-                    n_tokens += len(ids)
-                    n_documents += 1
-                    bar.update(n_bytes)
-            except BaseException:
-                Path(tmp.name).unlink()
-                raise
-        os.replace(tmp.name, out_dir / "tokens.bin")
+            for ids, n_bytes in _tokenize_all(tokenizer.checkpoint_dir, self.documents(files), workers):
+                tokens.write(np.asarray(ids, dtype=dtype).tobytes())
+                n_tokens += len(ids)
+                n_documents += 1
+                bar.update(n_bytes)
         meta = {"dtype": np.dtype(dtype).name, "tokens": n_tokens, "documents": n_documents,
                 "train_tokens": n_tokens - int(n_tokens * self.val_fraction), "eos_id": tokenizer.eos_id,
                 "files": [str(file) for file in files], "tokenizer": str(tokenizer.checkpoint_dir)}
         # meta.json last: its presence marks a complete cache entry
-        (out_dir / ".meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(out_dir / ".meta.json.tmp", out_dir / "meta.json")
+        with atomic_file(out_dir / "meta.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
         print(f"Tokenized {n_documents:,} documents into {n_tokens:,} tokens: {out_dir}")
         return out_dir
 
@@ -143,8 +142,7 @@ class TextCorpus:
             yield text, file.stat().st_size
 
     def _rows(self, file: Path) -> Iterator[tuple[str, int]]:
-        rows = read_rows(file) if file.suffix == ".json" else _jsonl_rows(file)
-        for line, row in rows:
+        for line, row in read_rows(file):
             if not isinstance(row, dict) or self.text_key not in row:
                 keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise UserError(f"{file}:{line}: missing key '{self.text_key}' (found: {keys}); "
@@ -160,7 +158,7 @@ class TextCorpus:
         for file in files:
             stat = file.stat()
             digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-        for name in TOKENIZER_KEY_FILES:
+        for name in TOKENIZER_FILES:
             if (tokenizer.checkpoint_dir / name).is_file():
                 digest.update(name.encode() + (tokenizer.checkpoint_dir / name).read_bytes())
         digest.update(json.dumps([FORMAT_VERSION, self.text_key, self.val_fraction]).encode())
@@ -169,19 +167,6 @@ class TextCorpus:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "litllm" / "corpus"
-
-
-def _jsonl_rows(file: Path) -> Iterator[tuple[int, object]]:
-    """(line, row) of a JSON Lines file, read a line at a time (corpora can be larger than memory)."""
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{file}:{number}: invalid JSON ({error.msg}); expected one JSON object per line") \
-                    from None
 
 
 # ------------------------------------------------------------------------------------------ tokenizer workers

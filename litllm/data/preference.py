@@ -76,7 +76,7 @@ class Preference:
         if self.json_path is None:
             raise UserError("--data Preference needs --data.json_path FILE")
         path = Path(self.json_path)
-        rows = read_rows(path)
+        rows = list(read_rows(path))
         if not rows:
             raise UserError(f"{path}: no rows")
         pairs: list[dict[str, torch.Tensor] | None] = []
@@ -101,8 +101,15 @@ class Preference:
 
         train_rows, val_rows = split_indices(len(rows), self.val_split_fraction, self.seed)
         pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
-        return (PreferenceDataset([pairs[i] for i in train_rows if pairs[i] is not None], pad_id),
-                PreferenceDataset([pairs[i] for i in val_rows if pairs[i] is not None], pad_id))
+        train = PreferenceDataset([pairs[i] for i in train_rows if pairs[i] is not None], pad_id)
+        val = PreferenceDataset([pairs[i] for i in val_rows if pairs[i] is not None], pad_id)
+        self._summary = (f"{len(train)} training and {len(val)} validation pairs; {self.num_truncated} of "
+                         f"{self.num_examples} pairs truncated to {max_seq_length} tokens"
+                         + (f" ({self.num_dropped} left out: no response token left)" if self.num_dropped else ""))
+        return train, val
+
+    def summary(self) -> str:
+        return self._summary
 
     def _check_style(self, tokenizer: Tokenizer) -> None:
         styles = ("auto", "chat_template", "alpaca", "transcript")

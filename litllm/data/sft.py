@@ -85,7 +85,7 @@ class SFTData(ABC):
             raise UserError(f"--data.val_split_fraction must be in [0, 1), got {self.val_split_fraction}")
         self.prepare(tokenizer)
         path = self.data_file()
-        rows = read_rows(path)
+        rows = list(read_rows(path))
         if not rows:
             raise UserError(f"{path}: no rows")
         examples: list[dict[str, torch.Tensor] | None] = []
@@ -112,7 +112,13 @@ class SFTData(ABC):
         pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
         if self.packing:
             train = pack(train, max_seq_length)
+        self._summary = (f"{len(train)} training and {len(val)} validation sequences; {self.num_truncated} of "
+                         f"{self.num_examples} examples truncated to {max_seq_length} tokens"
+                         + (f" ({self.num_dropped} left out: no response token left)" if self.num_dropped else ""))
         return SFTDataset(train, pad_id), SFTDataset(val, pad_id)
+
+    def summary(self) -> str:
+        return self._summary
 
     def data_file(self) -> Path:
         if self.json_path is None:

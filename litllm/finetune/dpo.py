@@ -9,32 +9,38 @@ The reference is the model as training starts. With fresh LoRA adapters (the def
 is the same model with its adapters disabled: no second copy in memory. Otherwise (--full true, or --adapter to go on
 from an SFT adapter) each pair's reference log-probs are computed once, in one pass before training.
 
-setup() builds Fabric, the model, the data and the optimizer; training.fit() is the loop, with DPOLoss as objective.
+setup() builds Fabric, the model, the data and the optimizer; fit() is the training loop and dpo_objective() with
+dpo_loss() the objective, all here to edit. The mechanics they call (loss normalization across micro-batches and
+devices, checkpoints, resume, validation) live in litllm.training.
 Outputs: PEFT adapter dirs (or, with --full true, Hugging Face model dirs) under out_dir (step-NNNNNN/ and final/),
 logs under out_dir/logs.
 """
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
+import lightning_fabric as L
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
-from litllm.data import IGNORE_INDEX, Preference, PreferenceDataset
+from litllm.data import Preference, PreferenceDataset
 from litllm.errors import UserError
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, load_adapter, merge_lora, \
     save_adapter
-from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
-from litllm.training import (TrainArgs, check_strategy, fit, model_dtype, prepare_data, prepare_out_dir,
-                             setup_fabric, setup_training)
+from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
+from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.loop import StepLog, StepUnits, add_to, prepare_data, setup_training, step_batches, validate
+from litllm.training.losses import sequence_logprobs
+from litllm.training.state import Progress, prepare_out_dir, save_training_checkpoint
 
 
 @dataclass
@@ -55,6 +61,16 @@ class DPOArgs:
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.loss not in ("sigmoid", "ipo", "hinge"):
+            raise UserError(f"--dpo.loss must be one of sigmoid, ipo, hinge; got {self.loss!r}")
+        if self.beta <= 0:
+            raise UserError(f"--dpo.beta must be above 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise UserError(f"--dpo.label_smoothing applies to --dpo.loss sigmoid only, not {self.loss}")
+
 
 def setup(
     checkpoint_dir: Path,
@@ -67,10 +83,10 @@ def setup(
     adapter: Path | None = None,
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    strategy: Strategy = "auto",
     precision: str | None = None,
-    optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
-    logger: Literal["csv", "tensorboard", "wandb"] = "csv",
+    optimizer: OptimizerName = "AdamW",
+    logger: LoggerName = "csv",
     seed: int = 1337,
     resume: bool | Literal["auto"] = False,
     overwrite: bool = False,
@@ -88,7 +104,7 @@ def setup(
             Hugging Face model dirs.
         adapter: a LoRA adapter dir of this checkpoint (e.g. from `litllm finetune lora`) to start from: its
             layers keep training (with --full true it is merged into the weights first). The reference is then
-            the checkpoint with this adapter.
+            the checkpoint with this adapter. A resumed run needs the same --full and --adapter as the first.
         devices: devices per node.
         num_nodes: nodes (machines); launch with torchrun, SLURM or `fabric run`.
         strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
@@ -97,13 +113,11 @@ def setup(
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
-        seed: random seed (data order, adapter init, dropout).
+        seed: random seed of the run: data order, new weights and adapters, dropout.
         resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
-            Pass the same --full and --adapter as the first run.
         overwrite: delete an existing out_dir and start over.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    objective = DPOLoss(dpo, train.loss_chunk_size)
     check_strategy(strategy, optimizer)
     resume_from = prepare_out_dir(out_dir, resume, overwrite)
     fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
@@ -132,15 +146,14 @@ def setup(
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
-    def save_weights(directory: Path, trained: GPT) -> None:
+    def save_weights(directory: Path, trained: nn.Module) -> None:
         if full:
             write_model_files(trained, directory)
         else:
             save_adapter(trained, lora, directory, base_checkpoint=checkpoint_dir)
         copy_tokenizer_files(checkpoint_dir, directory)
 
-    fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress,
-        objective=objective)
+    fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, dpo, seed, out_dir, save_weights)
     final = out_dir / "final"
     if full:
         fabric.print(f"Saved the tuned model to {final}\nTry it: litllm chat {final}")
@@ -149,48 +162,37 @@ def setup(
     return final
 
 
-class DPOLoss:
-    """The objective `fit` minimizes: DPO's loss summed over a batch of pairs (see PreferenceDataset.collate), and
-    the metrics as TRL names them, summed too (fit divides both by the pairs of the step).
+def dpo_objective(model: nn.Module, batch: dict[str, torch.Tensor], args: DPOArgs, chunk_size: int
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective: DPO's loss summed over a batch of pairs (see PreferenceDataset.collate: the chosen sequences,
+    then the rejected ones), and the metrics as TRL names them, summed too.
 
     The reference log-probs come with the batch when they were precomputed; otherwise the reference is the model
     with its LoRA adapters disabled, scored in the same step.
     """
+    policy_chosen, policy_rejected = sequence_logprobs(model, batch, chunk_size).chunk(2)
+    if "reference_chosen_logps" in batch:
+        reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    else:
+        with torch.no_grad(), disable_adapters(model):
+            reference_chosen, reference_rejected = sequence_logprobs(model, batch, chunk_size).chunk(2)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, args.beta, args.loss,
+        args.label_smoothing)
+    metrics = {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": policy_chosen.detach().sum(),
+        "logps/rejected": policy_rejected.detach().sum(),
+    }
+    return losses.sum(), metrics
 
-    def __init__(self, args: DPOArgs, chunk_size: int) -> None:
-        if args.loss not in ("sigmoid", "ipo", "hinge"):
-            raise UserError(f"--dpo.loss must be one of sigmoid, ipo, hinge; got {args.loss!r}")
-        if args.beta <= 0:
-            raise UserError(f"--dpo.beta must be above 0, got {args.beta}")
-        if not 0 <= args.label_smoothing < 0.5:
-            raise UserError(f"--dpo.label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
-        if args.label_smoothing and args.loss != "sigmoid":
-            raise UserError(f"--dpo.label_smoothing applies to --dpo.loss sigmoid only, not {args.loss}")
-        self.args = args
-        self.chunk_size = chunk_size
 
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        policy_chosen, policy_rejected = sequence_logps(model, batch, self.chunk_size).chunk(2)
-        if "reference_chosen_logps" in batch:
-            reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        else:
-            with torch.no_grad(), disable_adapters(model):
-                reference_chosen, reference_rejected = sequence_logps(model, batch, self.chunk_size).chunk(2)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.args.beta, self.args.loss,
-            self.args.label_smoothing)
-        metrics = {
-            "rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": policy_chosen.detach().sum(),
-            "logps/rejected": policy_rejected.detach().sum(),
-        }
-        return losses.sum(), metrics
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].size(0) // 2  # pairs: the chosen half and the rejected half of the rows
+def count_pairs(batch: dict[str, torch.Tensor]) -> int:
+    """The units DPO's loss is averaged over: pairs, each two rows of the batch."""
+    return batch["input_ids"].size(0) // 2
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -212,28 +214,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """log p(sequence): the log-probabilities of each row's target tokens (labels != -100) summed, (rows,) float32.
-
-    Only target positions go through lm_head, `chunk_size` tokens at a time, and each chunk's logits are recomputed
-    in backward rather than kept: the float32 logits of the vocabulary exist for one chunk at a time.
-    """
-    hidden = model(batch["input_ids"], return_hidden=True)  # (rows, T, hidden_size)
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = targets != IGNORE_INDEX
-    row_of_token = keep.nonzero()[:, 0]  # (N,)
-    hidden, targets = hidden[:, :-1][keep], targets[keep]  # (N, hidden_size), (N,)
-    token_logps = torch.cat([checkpoint(_token_logps, model.lm_head, h, t, use_reentrant=False)
-                             for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))])
-    totals = torch.zeros(keep.size(0), dtype=torch.float32, device=token_logps.device)
-    return totals.index_add(0, row_of_token, token_logps)
-
-
-def _token_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()  # (chunk, vocab)
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
-
-
 @torch.no_grad()
 def add_reference_logps(fabric: L.Fabric, model, datasets: list[PreferenceDataset], args: TrainArgs) -> None:
     """Score every pair with `model` as it is now and store the log-probs in the datasets, as the DPO reference."""
@@ -248,10 +228,56 @@ def add_reference_logps(fabric: L.Fabric, model, datasets: list[PreferenceDatase
                                                                             len(dataset)))])
             batch = {key: fabric.to_device(value) for key, value in batch.items()}
             with fabric.autocast():
-                scores.append(torch.stack(sequence_logps(model, batch, args.loss_chunk_size).chunk(2)).cpu())
+                scores.append(torch.stack(sequence_logprobs(model, batch, args.loss_chunk_size).chunk(2)).cpu())
         if scores:
             chosen, rejected = torch.cat(scores, dim=1)  # (2, pairs)
             dataset.set_reference_logps(chosen, rejected)
+
+
+def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
+        train_data: PreferenceDataset, val_data: PreferenceDataset, args: TrainArgs, dpo: DPOArgs, seed: int,
+        out_dir: Path, save_weights: Callable[[Path, nn.Module], None]) -> None:
+    """The training loop: per optimizer step, forward and backward over this device's micro-batches of pairs, then
+    one optimizer step; log, validate and save at their intervals, and save `final` at the end."""
+    total_steps = args.total_steps(len(train_data))
+    log = StepLog(fabric, args, total_steps, progress.step)
+
+    def objective(model, batch):
+        return dpo_objective(model, batch, dpo, args.loss_chunk_size)
+
+    batches = step_batches(train_data, args, seed, progress, fabric)
+    while progress.step < total_steps:
+        micro_batches = next(batches)
+        started = time.perf_counter()
+        units = StepUnits(fabric, sum(count_pairs(batch) for batch in micro_batches))
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = fabric.to_device(batch)
+            # gradients sync across devices on the last micro-batch only (DDP decides in forward, FSDP in backward)
+            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                with fabric.autocast():
+                    loss, metrics = dpo_objective(model, batch, dpo, args.loss_chunk_size)
+                fabric.backward(loss * units.loss_scale)
+            add_to(sums, {"loss": loss, **metrics})
+        if args.grad_clip is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        progress.step += 1
+
+        metrics = {**units.mean(sums), "lr": scheduler.get_last_lr()[0]}
+        seconds = time.perf_counter() - started
+        if len(val_data) and args.is_eval_step(progress.step, total_steps):
+            metrics |= validate(fabric, model, val_data, args, objective, count_pairs)
+            fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}, "
+                         f"val reward accuracy {metrics['val_rewards/accuracies']:.3f}")
+        log.step(progress.step, metrics, tokens=sum(b["input_ids"].numel() for b in micro_batches), seconds=seconds)
+        if args.is_save_step(progress.step, total_steps):
+            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
+                                     scheduler, progress)
+    log.close()
+    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
 
 
 if __name__ == "__main__":

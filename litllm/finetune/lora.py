@@ -3,22 +3,32 @@
     litllm finetune lora checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data JSON --data.json_path my.jsonl
     python lora.py --config lora.yaml      # after `litllm cp finetune/lora lora.py`
 
-setup() builds Fabric, the model with adapters, the data and the optimizer; training.fit() is the loop.
+setup() builds Fabric, the model with adapters, the data and the optimizer; fit() is the training loop and
+next_token_loss() the objective, both here to edit. The mechanics they call (loss normalization across micro-batches
+and devices, checkpoints, resume, validation) live in litllm.training.
 Outputs: PEFT adapter dirs under out_dir (step-NNNNNN/ and final/), logs under out_dir/logs.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import lightning_fabric as L
+import torch
+import torch.nn as nn
+
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model
-from litllm.data import Alpaca, SFTData
+from litllm.data import Alpaca, SFTData, TrainingDataset
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, save_adapter
-from litllm.quantize import quantize_model
-from litllm.model import GPT
+from litllm.quantize import QuantizeMode, quantize_model
 from litllm.tokenizer import Tokenizer
-from litllm.training import (TrainArgs, check_strategy, fit, model_dtype, prepare_data, prepare_out_dir,
-                             setup_fabric, setup_training)
+from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
+from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.loop import StepLog, StepUnits, prepare_data, setup_training, step_batches, validate
+from litllm.training.losses import count_targets, cross_entropy_sum
+from litllm.training.state import Progress, prepare_out_dir, save_training_checkpoint
 
 
 def setup(
@@ -27,13 +37,13 @@ def setup(
     data: SFTData | None = None,
     train: TrainArgs = TrainArgs(),
     lora: LoRAConfig = LoRAConfig(),
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.int8"] | None = None,
+    quantize: QuantizeMode | None = None,
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    strategy: Strategy = "auto",
     precision: str | None = None,
-    optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
-    logger: Literal["csv", "tensorboard", "wandb"] = "csv",
+    optimizer: OptimizerName = "AdamW",
+    logger: LoggerName = "csv",
     seed: int = 1337,
     resume: bool | Literal["auto"] = False,
     overwrite: bool = False,
@@ -55,7 +65,7 @@ def setup(
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
-        seed: random seed (data order, adapter init, dropout).
+        seed: random seed of the run: data order, new weights and adapters, dropout.
         resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
         overwrite: delete an existing out_dir and start over.
     """
@@ -78,14 +88,69 @@ def setup(
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
-    def save_weights(directory: Path, trained: GPT) -> None:
+    def save_weights(directory: Path, trained: nn.Module) -> None:
         save_adapter(trained, lora, directory, base_checkpoint=checkpoint_dir, quantize=quantize)
         copy_tokenizer_files(checkpoint_dir, directory)
 
-    fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress)
+    fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, seed, out_dir, save_weights)
     final = out_dir / "final"
     fabric.print(f"Saved the adapter to {final}\nTry it: litllm chat {checkpoint_dir} --adapter {final}")
     return final
+
+
+def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """The objective: cross-entropy of every target token (the response, with --data.mask_prompt), summed.
+
+    Summed rather than averaged, so StepUnits can make a step's gradient the mean over all of its target tokens.
+    """
+    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   document_ids=batch.get("document_ids"), return_hidden=True)  # (B, T, hidden_size)
+    return cross_entropy_sum(model.lm_head, hidden, batch["labels"], chunk_size)
+
+
+def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
+        train_data: TrainingDataset, val_data: TrainingDataset, args: TrainArgs, seed: int, out_dir: Path,
+        save_weights: Callable[[Path, nn.Module], None]) -> None:
+    """The training loop: per optimizer step, forward and backward over this device's micro-batches, then one
+    optimizer step; log, validate and save at their intervals, and save `final` at the end."""
+    total_steps = args.total_steps(len(train_data))
+    log = StepLog(fabric, args, total_steps, progress.step)
+
+    def objective(model, batch):  # validation's view of the loss: (summed loss, summed metrics)
+        return next_token_loss(model, batch, args.loss_chunk_size), {}
+
+    batches = step_batches(train_data, args, seed, progress, fabric)
+    while progress.step < total_steps:
+        micro_batches = next(batches)
+        started = time.perf_counter()
+        units = StepUnits(fabric, sum(count_targets(batch) for batch in micro_batches))
+        loss_sum = torch.zeros((), device=fabric.device)
+        for i, batch in enumerate(micro_batches):
+            batch = fabric.to_device(batch)
+            # gradients sync across devices on the last micro-batch only (DDP decides in forward, FSDP in backward)
+            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                with fabric.autocast():
+                    loss = next_token_loss(model, batch, args.loss_chunk_size)
+                fabric.backward(loss * units.loss_scale)
+            loss_sum += loss.detach()
+        if args.grad_clip is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        progress.step += 1
+
+        metrics = {**units.mean({"loss": loss_sum}), "lr": scheduler.get_last_lr()[0]}
+        seconds = time.perf_counter() - started
+        if len(val_data) and args.is_eval_step(progress.step, total_steps):
+            metrics |= validate(fabric, model, val_data, args, objective, count_targets)
+            fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}")
+        log.step(progress.step, metrics, tokens=sum(b["input_ids"].numel() for b in micro_batches), seconds=seconds)
+        if args.is_save_step(progress.step, total_steps):
+            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
+                                     scheduler, progress)
+    log.close()
+    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
 
 
 if __name__ == "__main__":

@@ -9,27 +9,37 @@
     python pretrain.py --config llama-tiny.yaml      # after `litllm cp pretrain pretrain.py`
 
 setup() builds Fabric, the model (a named config, or a Hugging Face checkpoint to continue, optionally with LoRA),
-the token windows and the optimizer; training.fit() is the loop.
+the token windows and the optimizer; fit() is the training loop and next_token_loss() the objective, both here to
+edit. The mechanics they call (loss normalization across micro-batches and devices, checkpoints, resume,
+validation) live in litllm.training.
 Outputs: Hugging Face model dirs under out_dir (step-NNNNNN/ and final/), logs under out_dir/logs.
 """
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import lightning_fabric as L
 import torch
+import torch.nn as nn
 
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
 from litllm.config import Config
-from litllm.data import TextCorpus
+from litllm.data import TextCorpus, TrainingDataset
+from litllm.decode import generate_tokens
 from litllm.errors import UserError
-from litllm.generate import generate_tokens
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
-from litllm.training import (NextTokenLoss, TrainArgs, check_strategy, fit, model_dtype, perplexity, prepare_out_dir, setup_fabric,
-                             setup_training, training_flops_per_token, validate)
+from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
+from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.loop import (StepLog, StepUnits, prepare_data, setup_training, step_batches,
+                                  training_flops_per_token, validate)
+from litllm.training.losses import count_targets, cross_entropy_sum, perplexity
+from litllm.training.state import Progress, prepare_out_dir, save_training_checkpoint
 
 
 def setup(
@@ -45,10 +55,10 @@ def setup(
     train_embeddings: bool = False,
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    strategy: Strategy = "auto",
     precision: str | None = None,
-    optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW",
-    logger: Literal["csv", "tensorboard", "wandb"] = "csv",
+    optimizer: OptimizerName = "AdamW",
+    logger: LoggerName = "csv",
     seed: int = 1337,
     resume: bool | Literal["auto"] = False,
     overwrite: bool = False,
@@ -77,7 +87,7 @@ def setup(
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
-        seed: random seed (initial weights, data order, adapter init).
+        seed: random seed of the run: data order, new weights and adapters, dropout.
         resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
         overwrite: delete an existing out_dir and start over.
         sample_prompt: after training, print a sampled continuation of this text from the final checkpoint.
@@ -101,10 +111,7 @@ def setup(
     fabric.seed_everything(seed)
 
     tokenizer = Tokenizer(tokenizer_dir)
-    with fabric.rank_zero_first(local=True):  # one tokenizing run per node; the others read its cache
-        train_data, val_data = data.setup(tokenizer, train.max_seq_length)
-    fabric.print(f"Data: {len(train_data):,} training and {len(val_data):,} validation windows of "
-                 f"{train.max_seq_length} tokens")
+    train_data, val_data = prepare_data(fabric, data, tokenizer, train.max_seq_length)
 
     if model_name:
         model = new_model(fabric, model_name, tokenizer, resume_from)
@@ -121,13 +128,7 @@ def setup(
     flops_per_token = training_flops_per_token(model, train.max_seq_length)
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
 
-    objective = NextTokenLoss(train.loss_chunk_size)
-    if not resume_from and len(val_data):  # the starting point, to compare the end with
-        val_loss = validate(fabric, model, val_data, train, objective)["loss"]
-        fabric.log_dict({"step": 0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}, step=0)
-        fabric.print(f"step 0: val loss {val_loss:.4f}, val perplexity {perplexity(val_loss):.2f}")
-
-    def save_weights(directory: Path, trained: GPT) -> None:
+    def save_weights(directory: Path, trained: nn.Module) -> None:
         if lora:  # a complete HF model dir, which `litllm finetune` and transformers read as is
             write_model_files(merge_lora(copy.deepcopy(trained)), directory)
             save_adapter(trained, lora, directory / "adapter", base_checkpoint=initial_checkpoint)
@@ -135,13 +136,72 @@ def setup(
             write_model_files(trained, directory)
         copy_tokenizer_files(tokenizer_dir, directory)
 
-    fit(fabric, model, optim, scheduler, train_data, val_data, train, seed, out_dir, save_weights, progress,
-        objective, flops_per_token)
+    fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, seed, out_dir, save_weights,
+        flops_per_token)
     final = out_dir / "final"
     if sample_prompt is not None and fabric.global_rank == 0:
         print_sample(final, tokenizer, sample_prompt, fabric.device, seed)
     fabric.print(f"Saved the model to {final}\nTry it: litllm generate {final} --prompt \"...\"")
     return final
+
+
+def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """The objective: cross-entropy of every token of the window after the first, summed.
+
+    Summed rather than averaged, so StepUnits can make a step's gradient the mean over all of its target tokens.
+    """
+    hidden = model(batch["input_ids"], return_hidden=True)  # (B, T, hidden_size)
+    return cross_entropy_sum(model.lm_head, hidden, batch["labels"], chunk_size)
+
+
+def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
+        train_data: TrainingDataset, val_data: TrainingDataset, args: TrainArgs, seed: int, out_dir: Path,
+        save_weights: Callable[[Path, nn.Module], None], flops_per_token: float) -> None:
+    """The training loop: per optimizer step, forward and backward over this device's micro-batches, then one
+    optimizer step; log (with MFU on GPUs), validate and save at their intervals, and save `final` at the end."""
+    total_steps = args.total_steps(len(train_data))
+    log = StepLog(fabric, args, total_steps, progress.step, flops_per_token)
+
+    def evaluate() -> dict[str, float]:
+        metrics = validate(fabric, model, val_data, args,
+                           lambda model, batch: (next_token_loss(model, batch, args.loss_chunk_size), {}), count_targets)
+        metrics["val_ppl"] = perplexity(metrics["val_loss"])  # exp of the mean token cross-entropy
+        fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}, val perplexity {metrics['val_ppl']:.2f}")
+        return metrics
+
+    if progress.step == 0 and len(val_data):  # the starting point, to compare the end with
+        log.log(0, evaluate())
+    batches = step_batches(train_data, args, seed, progress, fabric)
+    while progress.step < total_steps:
+        micro_batches = next(batches)
+        started = time.perf_counter()
+        units = StepUnits(fabric, sum(count_targets(batch) for batch in micro_batches))
+        loss_sum = torch.zeros((), device=fabric.device)
+        for i, batch in enumerate(micro_batches):
+            batch = fabric.to_device(batch)
+            # gradients sync across devices on the last micro-batch only (DDP decides in forward, FSDP in backward)
+            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                with fabric.autocast():
+                    loss = next_token_loss(model, batch, args.loss_chunk_size)
+                fabric.backward(loss * units.loss_scale)
+            loss_sum += loss.detach()
+        if args.grad_clip is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        progress.step += 1
+
+        metrics = {**units.mean({"loss": loss_sum}), "lr": scheduler.get_last_lr()[0]}
+        seconds = time.perf_counter() - started
+        if len(val_data) and args.is_eval_step(progress.step, total_steps):
+            metrics |= evaluate()
+        log.step(progress.step, metrics, tokens=sum(b["input_ids"].numel() for b in micro_batches), seconds=seconds)
+        if args.is_save_step(progress.step, total_steps):
+            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
+                                     scheduler, progress)
+    log.close()
+    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
 
 
 def new_model(fabric, model_name: str, tokenizer: Tokenizer, resume_from: Path | None) -> GPT:

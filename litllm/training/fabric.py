@@ -1,0 +1,150 @@
+"""Fabric for a training run: precision, devices, strategy (one device, DDP, FSDP) and the metrics logger."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+from pathlib import Path
+from typing import Any, get_args
+
+import lightning_fabric as L
+import torch
+import torch.nn as nn
+from lightning_fabric.loggers import Logger
+from lightning_fabric.strategies import ModelParallelStrategy
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+from litllm.errors import UserError
+from litllm.training.args import LoggerName, OptimizerName, Strategy
+
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def check_strategy(strategy: Strategy, optimizer: OptimizerName, quantize: str | None = None) -> None:
+    """Refuse, before any process starts, what FSDP cannot shard: bitsandbytes' quantized weights and 8-bit state."""
+    if strategy == "fsdp" and quantize:
+        raise UserError(f"--quantize {quantize} does not work with --strategy fsdp (bitsandbytes weights cannot be "
+                        f"sharded); use --strategy ddp, or no --quantize")
+    if strategy == "fsdp" and optimizer == "AdamW8bit":
+        raise UserError("--optimizer AdamW8bit does not work with --strategy fsdp (its 8-bit state cannot be "
+                        "sharded); use --optimizer AdamW")
+
+
+def setup_fabric(out_dir: Path, precision: str | None, logger: LoggerName, devices: int = 1, num_nodes: int = 1,
+                 strategy: Strategy = "auto") -> L.Fabric:
+    """Fabric with the chosen precision, devices and strategy, and a logger writing under out_dir/logs.
+
+    Strategies: auto (one device), ddp (a replica of the model per device), fsdp (FullyShardedDataParallel).
+
+    Launched by `fabric run`, `torchrun` or SLURM, Fabric takes ranks and addresses from their environment; run
+    plainly with devices > 1, it starts the other processes itself.
+    """
+    try:
+        fabric = L.Fabric(devices=devices, num_nodes=num_nodes,
+                          strategy=FullySharded(devices * num_nodes) if strategy == "fsdp" else strategy,
+                          precision=precision or default_precision(), loggers=[metrics_logger(logger, out_dir)])
+    except ValueError as e:  # Fabric's message lists the valid precisions
+        raise UserError(f"--precision: {' '.join(str(e).split())}") from None
+    fabric.launch()
+    return fabric
+
+
+def metrics_logger(name: LoggerName, out_dir: Path):
+    if name not in get_args(LoggerName):
+        raise UserError(f"--logger {name!r} is not one of {', '.join(get_args(LoggerName))}")
+    if name != "csv" and importlib.util.find_spec(name) is None:  # the package is named as the logger
+        raise UserError(f"--logger {name} needs the {name} package: pip install {name}")
+    if name == "tensorboard":
+        from lightning_fabric.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(out_dir, name="logs")
+    if name == "wandb":
+        return WandbLogger(out_dir)
+    from lightning_fabric.loggers import CSVLogger
+
+    # flushed at every log, so a killed run keeps its metrics up to the kill
+    return CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1)
+
+
+class WandbLogger(Logger):
+    """Metrics to a Weights & Biases run of project "litllm" (wandb's own Fabric logger needs the whole `lightning`
+    package, which litllm does not install: Fabric alone starts several seconds faster)."""
+
+    def __init__(self, save_dir: Path) -> None:
+        super().__init__()
+        self.save_dir = save_dir
+        self._run = None
+
+    @property
+    def name(self) -> str:
+        return "litllm"
+
+    @property
+    def version(self) -> str:
+        return self.experiment.id
+
+    @property
+    def experiment(self):
+        if self._run is None:
+            import wandb
+
+            self._run = wandb.init(project="litllm", dir=self.save_dir)
+        return self._run
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.experiment.log(metrics, step=step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        self.experiment.config.update(params)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=0 if status == "success" else 1)
+
+
+class FullySharded(ModelParallelStrategy):
+    """FSDP through Fabric: torch's `fully_shard` (FSDP2) on each transformer block, then on the model (embeddings,
+    final norm, lm_head). Each of the N processes holds 1/N of the weights, gradients and optimizer state, and
+    gathers one block's weights at a time for its forward and backward.
+
+    (Fabric's FSDPStrategy wraps the older FSDP1 API, which runs on GPUs only; FSDP2 also runs on CPUs with gloo.)
+    Remembers the model's unsharded structure, without data, into which checkpoints gather the full weights.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__(self.shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=False)
+        self.layout: nn.Module | None = None
+
+    def shard_blocks(self, model: nn.Module, device_mesh) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        self.layout = empty_copy(model)
+        mesh = device_mesh["data_parallel"]
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+
+def empty_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device: its structure, without its data."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
+def model_dtype(fabric: L.Fabric) -> torch.dtype:
+    """The dtype to load weights in: the training dtype for "-true" precisions, float32 for mixed ones."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(fabric.strategy.precision.precision,
+                                                                      torch.float32)

@@ -1,0 +1,243 @@
+"""The mechanics of a training loop that research rarely touches: optimizer and schedule, the data order with its
+exact resume position, loss normalization across micro-batches and devices, validation and the step log.
+
+A task script owns its loop and objective (see litllm/finetune/lora.py) and calls these.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import get_args
+
+import lightning_fabric as L
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from litllm.data import DataModule, TrainingDataset
+from litllm.errors import UserError
+from litllm.tokenizer import Tokenizer
+from litllm.training.args import OptimizerName, TrainArgs
+from litllm.training.state import Progress, load_training_state
+
+# (model, batch) -> (loss summed over the batch's units, metrics summed over them)
+Objective = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def prepare_data(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, max_seq_length: int
+                 ) -> tuple[TrainingDataset, TrainingDataset]:
+    """Tokenize the data once per machine (the first process writes any cache, the others then read it) and say
+    what it holds, truncations included, so nothing is cut silently."""
+    with fabric.rank_zero_first(local=True):
+        train_data, val_data = data.setup(tokenizer, max_seq_length)
+    fabric.print(f"Data: {data.summary()}")
+    if not len(train_data):
+        raise UserError("no training examples left; raise --train.max_seq_length or lower --data.val_split_fraction")
+    return train_data, val_data
+
+
+def build_optimizer(params, name: OptimizerName, args: TrainArgs) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    if name == "AdamW8bit":  # optimizer state in 8 bits: a quarter of AdamW's memory
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    raise UserError(f"--optimizer {name!r} is not one of {', '.join(get_args(OptimizerName))}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int):
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return (args.min_lr + (args.lr - args.min_lr) * cosine) / args.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup_training(fabric: L.Fabric, model: nn.Module, optimizer: OptimizerName, args: TrainArgs, n_examples: int,
+                   resume_from: Path | None):
+    """Hand the model to Fabric, build optimizer and schedule, and restore their state when resuming.
+
+    Returns (model, optimizer, scheduler, progress); the model is in training mode.
+    """
+    model.activation_checkpointing = args.activation_checkpointing
+    model = fabric.setup_module(model)
+    optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, args))
+    scheduler = build_scheduler(optim, args, args.total_steps(n_examples))
+    progress = Progress()
+    if resume_from:
+        progress = load_training_state(fabric, resume_from, model, optim, scheduler)
+        fabric.print(f"Resuming from {resume_from} (step {progress.step})")
+    model.train()  # checkpoints load in eval mode; dropout and activation checkpointing need train mode
+    return model, optim, scheduler, progress
+
+
+def step_batches(dataset: TrainingDataset, args: TrainArgs, seed: int, progress: Progress,
+                 fabric: L.Fabric) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """For each optimizer step, this device's micro-batches; advances `progress` by one global batch.
+
+    The order is a shuffle fixed by (seed, epoch). Each step takes the next global_batch_size examples
+    (running on into the next epoch's order at the end of one); each device gets its contiguous share,
+    cut into micro-batches. So N devices see exactly the examples one device would, split N ways.
+    """
+    rank, world_size = fabric.global_rank, fabric.world_size
+    per_device = args.global_batch_size // world_size
+    if per_device * world_size != args.global_batch_size or per_device % args.micro_batch_size:
+        raise UserError(
+            f"--train.global_batch_size {args.global_batch_size} must be a multiple of "
+            f"--train.micro_batch_size {args.micro_batch_size} x {world_size} device(s)"
+        )
+    order, order_epoch = None, None
+    while True:
+        indices: list[int] = []
+        while len(indices) < args.global_batch_size:
+            if order_epoch != progress.epoch:
+                order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + progress.epoch))
+                order_epoch = progress.epoch
+            taken = order[progress.position:progress.position + args.global_batch_size - len(indices)].tolist()
+            indices += taken
+            progress.position += len(taken)
+            if progress.position >= len(order):
+                progress.epoch, progress.position = progress.epoch + 1, 0
+        mine = indices[rank * per_device:(rank + 1) * per_device]
+        yield [dataset.collate([dataset[i] for i in mine[start:start + args.micro_batch_size]])
+               for start in range(0, per_device, args.micro_batch_size)]
+
+
+class StepUnits:
+    """The units a loss is averaged over (target tokens, preference pairs) in one optimizer step, on all devices.
+
+    Each micro-batch's loss is summed over its units and multiplied by `loss_scale` before backward: the gradient is
+    then the mean over every unit of the step, however unevenly they fall between micro-batches and devices, as if
+    the whole global batch ran at once. (Data parallelism averages gradients over devices; loss_scale multiplies
+    their number back in.)
+    """
+
+    def __init__(self, fabric: L.Fabric, local_units: int) -> None:
+        self.fabric = fabric
+        total = fabric.all_reduce(torch.tensor(float(local_units), device=fabric.device), reduce_op="sum")
+        self.total = max(1.0, float(total))
+        self.loss_scale = fabric.world_size / self.total
+
+    def mean(self, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Per-unit means over all devices of this device's sums (the loss and metrics of the step's micro-batches)."""
+        return mean_over_devices(self.fabric, sums, self.total)
+
+
+def mean_over_devices(fabric: L.Fabric, sums: dict[str, torch.Tensor | float], count: float) -> dict[str, float]:
+    local = torch.tensor([float(value) for value in sums.values()], dtype=torch.float64, device=fabric.device)
+    totals = fabric.all_reduce(local, reduce_op="sum")
+    return {name: float(total) / count for name, total in zip(sums, totals)}
+
+
+def add_to(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Accumulate detached values into `sums` (kept as tensors: no device sync per micro-batch)."""
+    for name, value in values.items():
+        sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+
+
+@torch.no_grad()
+def validate(fabric: L.Fabric, model: nn.Module, val_data: TrainingDataset, args: TrainArgs, objective: Objective,
+             count: Callable[[dict[str, torch.Tensor]], int]) -> dict[str, float]:
+    """The objective's mean loss and metrics per unit over the validation set, named val_* (every device computes
+    the same numbers)."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    units = 0
+    batch_starts = range(0, len(val_data), args.micro_batch_size)
+    for i in batch_starts[:args.eval_max_batches]:
+        batch = val_data.collate([val_data[j] for j in range(i, min(i + args.micro_batch_size, len(val_data)))])
+        batch = fabric.to_device(batch)
+        with fabric.autocast():
+            loss, metrics = objective(model, batch)
+        add_to(sums, {"loss": loss, **metrics})
+        units += count(batch)
+    model.train()
+    return {f"val_{name}": float(total) / max(units, 1) for name, total in sums.items()}
+
+
+class StepLog:
+    """What a run reports: a progress bar (or, where stderr is not a terminal, one plain line per log), and the
+    metrics, with tokens/s over the steps since the last log, peak memory and, with `flops_per_token` on a device
+    whose peak FLOP/s Lightning knows (CUDA GPUs; not CPUs), the model FLOPs utilization `mfu`."""
+
+    def __init__(self, fabric: L.Fabric, args: TrainArgs, total_steps: int, start_step: int,
+                 flops_per_token: float | None = None) -> None:
+        self.fabric, self.args, self.total_steps = fabric, args, total_steps
+        self.peak_flops = available_flops(fabric) if flops_per_token else None
+        self.flops_per_token = flops_per_token
+        self.recent: deque[tuple[int, float]] = deque(maxlen=args.log_interval)  # (tokens, seconds) per step
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="Training",
+                        disable=not sys.stderr.isatty() or fabric.global_rank > 0)
+
+    def step(self, step: int, metrics: dict[str, float], tokens: int, seconds: float) -> None:
+        """After an optimizer step: its `metrics`, the `tokens` this device processed and the `seconds` the step took
+        (validation and saving left out). Training metrics are logged every --train.log_interval steps and at the
+        last one, validation metrics (val_*) whenever there are some."""
+        self.recent.append((tokens * self.fabric.world_size, seconds))
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if step % self.args.log_interval and step != self.total_steps:
+            metrics = {name: value for name, value in metrics.items() if name.startswith("val_")}
+            if metrics:
+                self.log(step, metrics)
+            return
+        tokens_per_sec = sum(t for t, _ in self.recent) / max(sum(s for _, s in self.recent), 1e-9)
+        metrics = {**metrics, "tokens_per_sec": tokens_per_sec, "peak_memory_gb": peak_memory_gb(self.fabric.device)}
+        if self.peak_flops:  # tokens/s is over all devices, so is the peak
+            metrics["mfu"] = tokens_per_sec * self.flops_per_token / (self.peak_flops * self.fabric.world_size)
+        self.log(step, metrics)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics to the loggers (and, where stderr is not a terminal, a plain line)."""
+        self.fabric.log_dict({"step": step, **metrics}, step=step)
+        if not sys.stderr.isatty():  # CI and pipes get a plain line per log instead of a bar
+            self.fabric.print(" ".join(f"{k} {v:.4g}" for k, v in {"step": step, **metrics}.items()))
+
+    def close(self) -> None:
+        self.bar.close()
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
+
+
+def training_flops_per_token(model: nn.Module, seq_length: int) -> float:
+    """Model FLOPs of one training token, forward and backward (PaLM, arXiv 2204.02311, appendix B):
+    6 N + 12 n_layers n_heads head_dim seq_length.
+
+    N counts the weights that multiply activations: every matrix but the embedding table, which is a lookup, with
+    lm_head counted even when it shares that table (norm weights and biases are elementwise, left out). The second
+    term is attention's two matmuls (QK^T and the weighted sum of V) over the whole causal window, as PaLM counts
+    them. LoRA runs count as full training (the frozen weights skip their weight gradients, so their true FLOPs are
+    nearer 4 N).
+    """
+    config = model.config
+    n_matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed_tokens.weight")
+    if config.tie_embeddings:
+        n_matmul += config.vocab_size * config.hidden_size
+    return 6 * n_matmul + 12 * config.n_layers * config.n_heads * config.head_dim * seq_length
+
+
+def available_flops(fabric: L.Fabric) -> float | None:
+    """The device's peak FLOP/s in the training precision, from Lightning's table (None where unknown, e.g. CPU)."""
+    from lightning_fabric.utilities.throughput import get_available_flops
+
+    precision = fabric.strategy.precision.precision
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
+        else torch.float32
+    return get_available_flops(fabric.device, dtype)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: peak RSS

@@ -1,0 +1,115 @@
+"""Losses and log-probabilities at target positions, computed a chunk of tokens at a time.
+
+A target is a token whose label is not IGNORE_INDEX; labels are not shifted (position t holds token t), so hidden
+state t predicts label t + 1. Only target positions go through lm_head, and only `chunk_size` of them at once: the
+float32 logits of a 50k-150k word vocabulary never exist for the whole batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from litllm.data import IGNORE_INDEX
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """The target tokens of a batch: the units a next-token loss is averaged over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def target_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states (N, hidden_size) that predict the N target tokens, the targets (N,), and each one's row (N,)."""
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    keep = targets != IGNORE_INDEX  # (B, T - 1)
+    return hidden[:, :-1][keep], targets[keep], keep.nonzero()[:, 0]
+
+
+def cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Next-token cross-entropy summed over the target tokens: -token_logprobs(...).sum(), computed faster.
+
+    hidden is the model's final normed output (B, T, hidden_size), labels (B, T). For a plain lm_head, the gradients
+    come out of the forward pass (see LinearCrossEntropy); a wrapped one (LoRA on lm_head) goes through
+    token_logprobs, which recomputes each chunk's logits in backward.
+    """
+    hidden, targets, _ = target_hidden(hidden, labels)
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+        return LinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_size)
+    return -token_logprobs(lm_head, hidden, targets, chunk_size)[0].sum()
+
+
+def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) for each of N hidden states (N, hidden_size) and targets (N,): a float32 (N,) tensor, and a bool
+    (N,) saying where the target is the most likely token (the greedy choice).
+
+    Log-softmax in float32 over the whole vocabulary. With gradients enabled, each chunk's logits are recomputed in
+    backward rather than kept.
+    """
+    pieces = [checkpoint(_chunk_logprobs, lm_head, h, t, use_reentrant=False) if torch.is_grad_enabled()
+              else _chunk_logprobs(lm_head, h, t)
+              for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))]
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    logprobs, greedy = zip(*pieces)
+    return torch.cat(logprobs), torch.cat(greedy)
+
+
+def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = lm_head(hidden).float()  # (chunk, vocab)
+    logprobs = logits.log_softmax(dim=-1)  # as the references compute it (HF, lm-eval): equal to the last bit
+    return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1), logits.argmax(dim=-1) == targets
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """log p(sequence): each row's target-token log-probabilities summed, (rows,) float32."""
+    hidden = model(batch["input_ids"], return_hidden=True)  # (rows, T, hidden_size)
+    hidden, targets, row_of_token = target_hidden(hidden, batch["labels"])
+    logprobs, _ = token_logprobs(model.lm_head, hidden, targets, chunk_size)
+    totals = torch.zeros(batch["labels"].size(0), dtype=torch.float32, device=logprobs.device)
+    return totals.index_add(0, row_of_token, logprobs)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) with its gradients computed chunk by chunk in forward.
+
+    d loss / d logits = softmax(logits) - onehot(target) is known as soon as a chunk's logits are, so the
+    gradients for hidden (and weight) are accumulated right away and the logits freed: no logits are kept
+    for backward and none are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.size(0), chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h @ weight.T).float()  # (chunk, vocab)
+            log_z = logits.logsumexp(dim=-1)
+            total += (log_z - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            if needs_grad:
+                grad_logits = logits.sub_(log_z.unsqueeze(1)).exp_()  # softmax, in place
+                grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
+                grad_logits = grad_logits.to(h.dtype)
+                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
+
+
+def perplexity(mean_cross_entropy: float) -> float:
+    return math.exp(mean_cross_entropy) if mean_cross_entropy < 700 else math.inf  # math.exp overflows past ~709
