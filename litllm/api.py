@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from litllm.checkpoint import check_checkpoint_dir, load_model, parse_dtype
+from litllm.checkpoint import check_checkpoint_dir, load_model, parse_device, parse_dtype
 from litllm.decode import column_major_weights, generate_tokens, stream_text
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT
@@ -38,7 +38,7 @@ class LLM:
         decoding costs what the base model's does. `compile` compiles the decode step with torch.compile:
         faster per token (most in bfloat16/float16), at a one-off cost of about a minute on a small CPU."""
         checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = parse_device(device)
         dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else None)
         model = load_model(checkpoint_dir, dtype=dtype, device=device)
         tokenizer = Tokenizer(checkpoint_dir)

@@ -63,10 +63,34 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """The device to run on (default: cuda when available); a name torch does not know, or a GPU this machine does
+    not have, is a user error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device '{device}' is not a torch device name (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}': no CUDA GPU is available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def safetensors_files(checkpoint_dir: Path) -> list[Path]:
     index = checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: not a safetensors index (a JSON object with a 'weight_map')") from None
+        inside = checkpoint_dir.resolve()
+        for shard in shards:
+            # the index is data from elsewhere: it may only name files in this directory
+            if not isinstance(shard, str) or Path(shard).is_absolute() or inside not in (inside / shard).resolve().parents:
+                raise UserError(f"{index}: the shard {shard!r} is not a file inside {checkpoint_dir}")
         return [checkpoint_dir / shard for shard in shards]
     single = checkpoint_dir / "model.safetensors"
     if single.is_file():
@@ -92,26 +116,41 @@ def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
 def load_model(
     checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> GPT:
-    """Build the model of a HF checkpoint dir and load its weights (single file or shards)."""
+    """Build the model of a HF checkpoint dir and load its weights (single file or shards).
+
+    Names and shapes are checked against config.json before any weight is read.
+    """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = Config.from_hf(checkpoint_dir)
     dtype = dtype or parse_dtype(config.torch_dtype)
-    state_dict = {}
-    for file in safetensors_files(checkpoint_dir):
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for hf_name in f.keys():
-                state_dict[hf_to_litllm(hf_name)] = f.get_tensor(hf_name).to(dtype)
-    if config.tie_embeddings:
-        state_dict.pop("lm_head.weight", None)  # the tied copy some checkpoints also store
     with torch.device("meta"):
         model = GPT(config)
-    expected = {name for name in model.state_dict() if not (config.tie_embeddings and name == "lm_head.weight")}
-    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()
+                if not (config.tie_embeddings and name == "lm_head.weight")}
+    files = safetensors_files(checkpoint_dir)
+    found = {}  # litllm name -> (file, HF name, shape)
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                found[hf_to_litllm(hf_name)] = (file, hf_name, torch.Size(f.get_slice(hf_name).get_shape()))
+    if config.tie_embeddings:
+        found.pop("lm_head.weight", None)  # the tied copy some checkpoints also store
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing or unexpected:
         raise UserError(
             f"{checkpoint_dir}: weights do not match config.json "
             f"(missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})"
         )
+    for name, (_, hf_name, shape) in found.items():
+        if shape != expected[name]:
+            raise UserError(f"{checkpoint_dir}: weight {hf_name} has shape {tuple(shape)} but config.json makes it "
+                            f"{tuple(expected[name])}; the config does not belong to these weights")
+    state_dict = {}
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name, (source, hf_name, _) in found.items():
+                if source == file:
+                    state_dict[name] = f.get_tensor(hf_name).to(dtype)
     model.load_state_dict(state_dict, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -42,8 +42,14 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # HF keys we keep but do not use
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
+                     "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.n_heads
+        if self.head_dim < 1:
+            raise UserError(f"head_dim must be a positive integer, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -96,7 +102,7 @@ class Config:
             "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "torch_dtype", "dtype",
             "architectures", "transformers_version", "hidden_act", "mlp_bias",
         }
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=need("vocab_size"),
             hidden_size=need("hidden_size"),
@@ -121,6 +127,10 @@ class Config:
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32",
             extra={k: v for k, v in hf.items() if k not in used},
         )
+        try:
+            return cls(**fields)
+        except UserError as error:  # sizes that make no model
+            raise UserError(f"{where}: {error}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers reads. RoPE goes in the older `rope_theta` + `rope_scaling`

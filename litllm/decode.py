@@ -67,6 +67,9 @@ def generate_tokens(
 
     `decode_step` runs the one-token steps instead of `model` (LLM passes its torch.compile'd model).
     """
+    temperature = check_sampling(temperature, top_k, top_p)
+    if not prompt_ids:
+        raise UserError("the prompt is empty (no tokens): give some text to continue")
     max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -87,6 +90,20 @@ def generate_tokens(
             logits = decode_step(token.view(1, 1), input_pos)[:, -1]
     finally:
         model.clear_kv_cache()
+
+
+GREEDY_BELOW = 1e-5  # a temperature this small picks the most likely token anyway; dividing by it would overflow
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float) -> float:
+    """The temperature to sample with (0, greedy, below GREEDY_BELOW); out-of-range settings are user errors."""
+    if not temperature >= 0:
+        raise UserError(f"temperature must be 0 (greedy) or above, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    return 0.0 if temperature < GREEDY_BELOW else temperature
 
 
 def check_length(prompt_len: int, max_new_tokens: int, context: int) -> int:

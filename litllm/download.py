@@ -27,8 +27,15 @@ def download(
         overwrite: download again into an out_dir that already holds a checkpoint.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
+    try:  # the hub's own rules for names, checked before anything is fetched
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"'{repo_id}' is not a hub repository name (expected NAMESPACE/NAME, e.g. "
+                        f"HuggingFaceTB/SmolLM2-135M-Instruct): {str(error).split('.')[0]}") from None
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / repo_id
     if (out_dir / "config.json").is_file() and not overwrite:
         print(f"{out_dir} already holds a checkpoint; keeping it (pass --overwrite true to download again)")

@@ -22,7 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from litllm.checkpoint import check_checkpoint_dir, load_model, parse_dtype
+from litllm.checkpoint import check_checkpoint_dir, load_model, parse_device, parse_dtype
 from litllm.decode import column_major_weights, generate_tokens, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
@@ -58,7 +58,7 @@ class LitLLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UserError(f"batch_size must be a positive integer, not {batch_size!r} (litllm has no 'auto')")
         checkpoint_dir = check_checkpoint_dir(pretrained)
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = parse_device(device)
         # float32 on CPU, as LLM.load: CPU matmuls in half precision are slower and less exact
         dtype = parse_dtype(dtype) or (torch.float32 if self._device.type == "cpu" else None)
         self.model: GPT = load_model(checkpoint_dir, dtype=dtype, device=self._device)

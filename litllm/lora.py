@@ -267,7 +267,12 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | st
         hint = " (pickled adapter_model.bin found; litllm reads safetensors only)" \
             if (adapter_dir / "adapter_model.bin").is_file() else ""
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors{hint}")
-    peft = json.loads(config_file.read_text())
+    try:
+        peft = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_file}: not valid JSON ({error})") from None
+    if not isinstance(peft, dict) or not isinstance(peft.get("r"), int) or peft["r"] < 1:
+        raise UserError(f"{config_file}: expected a PEFT LoRA config with a positive integer 'r'")
     if peft.get("peft_type") != "LORA":
         raise UserError(f"{config_file}: peft_type is {peft.get('peft_type')!r}; litllm loads LORA adapters only")
     for key in _UNSUPPORTED_KEYS:
@@ -296,7 +301,8 @@ def _peft_targets(model: nn.Module, target_modules: list[str] | str | None, conf
         if target_modules.lower() == "all-linear":
             names = [name for name, hf in candidates.items() if hf != "lm_head"]
         else:
-            names = [name for name, hf in candidates.items() if re.fullmatch(target_modules, hf)]
+            pattern = _compile_target_pattern(target_modules, config_file)
+            names = [name for name, hf in candidates.items() if pattern.fullmatch(hf)]
         if not names:
             raise UserError(f"{config_file}: target_modules {target_modules!r} matches no layer litllm can adapt "
                             f"({', '.join(LINEAR_LAYERS)})")
@@ -311,6 +317,19 @@ def _peft_targets(model: nn.Module, target_modules: list[str] | str | None, conf
                             f"({', '.join(LINEAR_LAYERS)})")
         names += matched
     return [name for name in candidates if name in names]  # model order, each once
+
+
+def _compile_target_pattern(target_modules: str, config_file: Path) -> re.Pattern:
+    """PEFT's regex form of target_modules, refused when it does not compile or is longer than any real one (a
+    pattern from a file is code that runs: a short limit keeps its matching against module names quick)."""
+    if len(target_modules) > 4096:
+        raise UserError(f"{config_file}: target_modules is a {len(target_modules):,}-character pattern; "
+                        "litllm reads patterns of up to 4,096 characters")
+    try:
+        return re.compile(target_modules)
+    except re.error as error:
+        raise UserError(f"{config_file}: target_modules {target_modules[:80]!r} is not a valid regex ({error})") \
+            from None
 
 
 @torch.no_grad()

@@ -134,6 +134,9 @@ class Tokenizer:
             )
         except jinja2.TemplateError as error:
             raise UserError(f"{self.checkpoint_dir}: chat template: {error}") from error
+        except Exception as error:  # the template's own code failed on these messages (e.g. `1 / 0`, a bad key)
+            raise UserError(f"{self.checkpoint_dir}: the chat template failed on these messages: "
+                            f"{type(error).__name__}: {error}") from error
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the special tokens (BOS included) itself, so none are added on top.
@@ -279,9 +282,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from error
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: expected a JSON object, found a {type(content).__name__}; fix or re-download it")
+    return content
 
 
 def _load_sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor:

@@ -98,28 +98,56 @@ def train_args(out_dir, *extra):
             "--train.warmup_steps", "2", "--train.lr", "1e-3", "--train.eval_interval", "4", *extra]
 
 
-def test_lora_run_killed_mid_epoch_resumes_with_the_same_loss_curve(tiny_chat_model_dir, tmp_path):
-    steps = ["--train.max_steps", "14", "--train.save_interval", "3"]
+def start_run(model_dir, out_dir, *args) -> subprocess.Popen:
+    command = [sys.executable, "-m", "litllm", "finetune", "lora", str(model_dir), *map(str, train_args(out_dir, *args))]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process) -> None:
+    deadline = time.time() + 600
+    while not condition() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def test_interrupted_lora_runs_resume_with_the_same_loss_curve(tiny_chat_model_dir, tmp_path):
+    """Killed (SIGKILL: only the atomic checkpoints survive), stopped (SIGTERM: a checkpoint at the next step
+    boundary, exit 143), or resumed from a damaged newest checkpoint (the newest intact one is taken, with a
+    warning): each time the resumed run logs exactly what the uninterrupted one did, step by step."""
+    steps = ["--train.max_steps", "10", "--train.save_interval", "3", "--train.keep_last", "2"]
     reference = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "ref", *steps))
     assert reference.returncode == 0, reference.stderr
+    expected = logged(tmp_path / "ref")
+    assert len(expected) == 10
+    assert sorted(p.name for p in (tmp_path / "ref").glob("step-*")) == ["step-000006", "step-000009"]  # keep_last
 
-    run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "litllm", "finetune", "lora", str(tiny_chat_model_dir),
-               *map(str, train_args(run_dir, *steps))]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (run_dir / "step-000003").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # no chance to clean up: only atomic checkpoints survive
-    process.wait()
-    assert not (run_dir / "final").exists(), "the run finished before it could be killed"
+    killed = start_run(tiny_chat_model_dir, tmp_path / "killed", *steps)
+    wait_for(lambda: (tmp_path / "killed" / "step-000003").exists(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
 
-    resumed = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(run_dir, *steps, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming from" in resumed.stdout
-    assert logged(run_dir) == logged(tmp_path / "ref")  # every step, exactly
-    assert len(logged(run_dir)) == 14 and logged(run_dir, "val_loss") == logged(tmp_path / "ref", "val_loss")
-    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    stopped = start_run(tiny_chat_model_dir, tmp_path / "stopped", *steps)
+    wait_for(lambda: max(logged(tmp_path / "stopped"), default=0) >= 4, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait() == 143, stopped.stderr.read()
+    saved = max(int(p.name.removeprefix("step-")) for p in (tmp_path / "stopped").glob("step-*"))
+    assert 4 <= saved < 10 and saved % 3, saved  # saved at the step it stopped at, off the save interval
+
+    damaged = tmp_path / "damaged"
+    for name in ("step-000006", "step-000009"):
+        shutil.copytree(tmp_path / "ref" / name, damaged / name)
+    adapter = damaged / "step-000009" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])  # a disk that lost the end of a file
+
+    for run_dir in ("killed", "stopped", "damaged"):
+        resumed = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / run_dir, *steps,
+                                                                           "--resume", "auto"))
+        assert resumed.returncode == 0, resumed.stderr
+        if run_dir == "damaged":
+            assert "skipping the checkpoint" in resumed.stderr and "step-000006 (step 6)" in resumed.stdout
+        expected_here = {step: loss for step, loss in expected.items() if run_dir != "damaged" or step > 6}
+        assert logged(tmp_path / run_dir) == expected_here, run_dir  # every step, exactly
+        assert not [p.name for p in (tmp_path / run_dir).iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
 def test_two_process_fsdp_lora_equals_one_process(tiny_chat_model_dir, tmp_path):

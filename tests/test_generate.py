@@ -95,7 +95,8 @@ def test_stream_text_holds_back_partial_stop_strings(llm):
     assert "".join(stream_text(tok, ids, stop=["END"])) == "Hello world. "
 
 
-def test_compiled_decode_step_gives_the_eager_tokens(llm):
-    compiled = LLM(llm.model, llm.tokenizer, llm.checkpoint_dir, compile=True)
+def test_compiled_decode_step_gives_the_eager_tokens(tiny_chat_model_dir):
+    eager = LLM.load(tiny_chat_model_dir)
+    compiled = LLM(eager.model, eager.tokenizer, eager.checkpoint_dir, compile=True)
     for messages in CHATS[:2]:  # the second call reuses the compiled step (same cache length bucket)
-        assert compiled.chat(messages, max_new_tokens=20) == llm.chat(messages, max_new_tokens=20)
+        assert compiled.chat(messages, max_new_tokens=20) == eager.chat(messages, max_new_tokens=20)

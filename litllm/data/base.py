@@ -7,6 +7,7 @@ to stack their examples into a batch.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -30,3 +31,6 @@ class DataModule(Protocol):
 
     def summary(self) -> str:
         """After setup: one line on what it produced, with how many examples were truncated or left out."""
+
+    def sources(self) -> list[Path]:
+        """The files and folders it reads (which a run's output directory must never be, hold or lie inside)."""

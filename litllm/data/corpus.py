@@ -77,6 +77,9 @@ class TextCorpus:
     def summary(self) -> str:
         return self._summary
 
+    def sources(self) -> list[Path]:
+        return [Path(path) for path in ([self.paths] if isinstance(self.paths, (str, Path)) else self.paths or [])]
+
     def prepare(self, tokenizer: Tokenizer) -> Path:
         """The cache directory holding tokens.bin and meta.json for this corpus and tokenizer; tokenize if needed."""
         if not 0 <= self.val_fraction < 1:

@@ -111,6 +111,9 @@ class Preference:
     def summary(self) -> str:
         return self._summary
 
+    def sources(self) -> list[Path]:
+        return [Path(self.json_path)] if self.json_path is not None else []
+
     def _check_style(self, tokenizer: Tokenizer) -> None:
         styles = ("auto", "chat_template", "alpaca", "transcript")
         if self.prompt_style not in styles:

@@ -120,6 +120,9 @@ class SFTData(ABC):
     def summary(self) -> str:
         return self._summary
 
+    def sources(self) -> list[Path]:
+        return [Path(self.json_path)] if self.json_path is not None else []
+
     def data_file(self) -> Path:
         if self.json_path is None:
             raise UserError(f"--data {type(self).__name__} needs --data.json_path FILE")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,7 +39,7 @@ from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
 from litllm.training.loop import StepLog, StepUnits, add_to, prepare_data, setup_training, step_batches, validate
 from litllm.training.losses import sequence_logprobs
-from litllm.training.state import Progress, prepare_out_dir, save_training_checkpoint
+from litllm.training.state import Checkpoints, Progress, prepare_out_dir
 
 
 @dataclass
@@ -119,12 +118,14 @@ def setup(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     check_strategy(strategy, optimizer)
-    resume_from = prepare_out_dir(out_dir, resume, overwrite)
+    data = data or Preference()
     fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    resume_from = prepare_out_dir(fabric, out_dir, resume, overwrite,
+                                  inputs=[checkpoint_dir, adapter, *data.sources()])
     fabric.seed_everything(seed)
 
     tokenizer = Tokenizer(checkpoint_dir)
-    train_data, val_data = prepare_data(fabric, data or Preference(), tokenizer, train.max_seq_length)
+    train_data, val_data = prepare_data(fabric, data, tokenizer, train.max_seq_length)
 
     model = load_model(checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
     if adapter:
@@ -153,7 +154,8 @@ def setup(
             save_adapter(trained, lora, directory, base_checkpoint=checkpoint_dir)
         copy_tokenizer_files(checkpoint_dir, directory)
 
-    fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, dpo, seed, out_dir, save_weights)
+    with Checkpoints(fabric, out_dir, save_weights, train) as checkpoints:
+        fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, dpo, seed, checkpoints)
     final = out_dir / "final"
     if full:
         fabric.print(f"Saved the tuned model to {final}\nTry it: litllm chat {final}")
@@ -236,7 +238,7 @@ def add_reference_logps(fabric: L.Fabric, model, datasets: list[PreferenceDatase
 
 def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
         train_data: PreferenceDataset, val_data: PreferenceDataset, args: TrainArgs, dpo: DPOArgs, seed: int,
-        out_dir: Path, save_weights: Callable[[Path, nn.Module], None]) -> None:
+        checkpoints: Checkpoints) -> None:
     """The training loop: per optimizer step, forward and backward over this device's micro-batches of pairs, then
     one optimizer step; log, validate and save at their intervals, and save `final` at the end."""
     total_steps = args.total_steps(len(train_data))
@@ -273,11 +275,10 @@ def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, sc
             fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}, "
                          f"val reward accuracy {metrics['val_rewards/accuracies']:.3f}")
         log.step(progress.step, metrics, tokens=sum(b["input_ids"].numel() for b in micro_batches), seconds=seconds)
-        if args.is_save_step(progress.step, total_steps):
-            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
-                                     scheduler, progress)
+        # every --train.save_interval steps, and at once when the run is told to stop (SIGTERM, Ctrl-C)
+        checkpoints.after_step(model, optimizer, scheduler, progress, total_steps)
     log.close()
-    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
+    checkpoints.save_final(model, optimizer, scheduler, progress)
 
 
 if __name__ == "__main__":

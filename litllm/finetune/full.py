@@ -11,7 +11,6 @@ Outputs: Hugging Face model dirs under out_dir (step-NNNNNN/ and final/), logs u
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +25,7 @@ from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
 from litllm.training.loop import StepLog, StepUnits, prepare_data, setup_training, step_batches, validate
 from litllm.training.losses import count_targets, cross_entropy_sum
-from litllm.training.state import Progress, prepare_out_dir, save_training_checkpoint
+from litllm.training.state import Checkpoints, Progress, prepare_out_dir
 
 
 def setup(
@@ -65,12 +64,13 @@ def setup(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     check_strategy(strategy, optimizer)
-    resume_from = prepare_out_dir(out_dir, resume, overwrite)
+    data = data or Alpaca()
     fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    resume_from = prepare_out_dir(fabric, out_dir, resume, overwrite, inputs=[checkpoint_dir, *data.sources()])
     fabric.seed_everything(seed)
 
     tokenizer = Tokenizer(checkpoint_dir)
-    train_data, val_data = prepare_data(fabric, data or Alpaca(), tokenizer, train.max_seq_length)
+    train_data, val_data = prepare_data(fabric, data, tokenizer, train.max_seq_length)
 
     # a resumed run reads its weights from its own checkpoint, which is a complete HF model dir
     model = load_model(resume_from or checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
@@ -80,7 +80,8 @@ def setup(
         write_model_files(trained, directory)
         copy_tokenizer_files(checkpoint_dir, directory)
 
-    fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, seed, out_dir, save_weights)
+    with Checkpoints(fabric, out_dir, save_weights, train) as checkpoints:
+        fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, seed, checkpoints)
     final = out_dir / "final"
     fabric.print(f"Saved the fine-tuned model to {final}\nTry it: litllm chat {final}")
     return final
@@ -97,8 +98,8 @@ def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size
 
 
 def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
-        train_data: TrainingDataset, val_data: TrainingDataset, args: TrainArgs, seed: int, out_dir: Path,
-        save_weights: Callable[[Path, nn.Module], None]) -> None:
+        train_data: TrainingDataset, val_data: TrainingDataset, args: TrainArgs, seed: int,
+        checkpoints: Checkpoints) -> None:
     """The training loop: per optimizer step, forward and backward over this device's micro-batches, then one
     optimizer step; log, validate and save at their intervals, and save `final` at the end."""
     total_steps = args.total_steps(len(train_data))
@@ -134,11 +135,10 @@ def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, sc
             metrics |= validate(fabric, model, val_data, args, objective, count_targets)
             fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}")
         log.step(progress.step, metrics, tokens=sum(b["input_ids"].numel() for b in micro_batches), seconds=seconds)
-        if args.is_save_step(progress.step, total_steps):
-            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
-                                     scheduler, progress)
+        # every --train.save_interval steps, and at once when the run is told to stop (SIGTERM, Ctrl-C)
+        checkpoints.after_step(model, optimizer, scheduler, progress, total_steps)
     log.close()
-    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
+    checkpoints.save_final(model, optimizer, scheduler, progress)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +38,7 @@ from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, prepare_data, setup_training, step_batches,
                                   training_flops_per_token, validate)
 from litllm.training.losses import count_targets, cross_entropy_sum, perplexity
-from litllm.training.state import Progress, prepare_out_dir, save_training_checkpoint
+from litllm.training.state import Checkpoints, Progress, prepare_out_dir
 
 
 def setup(
@@ -106,8 +105,9 @@ def setup(
     if tokenizer_dir is None:
         raise UserError("--model_name needs --tokenizer_dir DIR (a dir with tokenizer.json or tokenizer.model)")
     check_strategy(strategy, optimizer)
-    resume_from = prepare_out_dir(out_dir, resume, overwrite)
     fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    resume_from = prepare_out_dir(fabric, out_dir, resume, overwrite,
+                                  inputs=[initial_checkpoint, tokenizer_dir, *data.sources()])
     fabric.seed_everything(seed)
 
     tokenizer = Tokenizer(tokenizer_dir)
@@ -136,8 +136,8 @@ def setup(
             write_model_files(trained, directory)
         copy_tokenizer_files(tokenizer_dir, directory)
 
-    fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, seed, out_dir, save_weights,
-        flops_per_token)
+    with Checkpoints(fabric, out_dir, save_weights, train) as checkpoints:
+        fit(fabric, model, optim, scheduler, progress, train_data, val_data, train, seed, checkpoints, flops_per_token)
     final = out_dir / "final"
     if sample_prompt is not None and fabric.global_rank == 0:
         print_sample(final, tokenizer, sample_prompt, fabric.device, seed)
@@ -155,8 +155,8 @@ def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size
 
 
 def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
-        train_data: TrainingDataset, val_data: TrainingDataset, args: TrainArgs, seed: int, out_dir: Path,
-        save_weights: Callable[[Path, nn.Module], None], flops_per_token: float) -> None:
+        train_data: TrainingDataset, val_data: TrainingDataset, args: TrainArgs, seed: int, checkpoints: Checkpoints,
+        flops_per_token: float) -> None:
     """The training loop: per optimizer step, forward and backward over this device's micro-batches, then one
     optimizer step; log (with MFU on GPUs), validate and save at their intervals, and save `final` at the end."""
     total_steps = args.total_steps(len(train_data))
@@ -197,11 +197,10 @@ def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, sc
         if len(val_data) and args.is_eval_step(progress.step, total_steps):
             metrics |= evaluate()
         log.step(progress.step, metrics, tokens=sum(b["input_ids"].numel() for b in micro_batches), seconds=seconds)
-        if args.is_save_step(progress.step, total_steps):
-            save_training_checkpoint(fabric, out_dir / f"step-{progress.step:06d}", save_weights, model, optimizer,
-                                     scheduler, progress)
+        # every --train.save_interval steps, and at once when the run is told to stop (SIGTERM, Ctrl-C)
+        checkpoints.after_step(model, optimizer, scheduler, progress, total_steps)
     log.close()
-    save_training_checkpoint(fabric, out_dir / "final", save_weights, model, optimizer, scheduler, progress)
+    checkpoints.save_final(model, optimizer, scheduler, progress)
 
 
 def new_model(fabric, model_name: str, tokenizer: Tokenizer, resume_from: Path | None) -> GPT:

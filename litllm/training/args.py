@@ -32,7 +32,9 @@ class TrainArgs:
         log_interval: log every N steps.
         eval_interval: compute the validation loss every N steps (None: only at the end).
         eval_max_batches: at most this many validation micro-batches per evaluation (None: all).
-        save_interval: write a resumable checkpoint every N steps (None: only the final one).
+        save_interval: write a resumable checkpoint every N steps (None: only the final one). A run stopped by
+            SIGTERM or Ctrl-C also saves one before it exits.
+        keep_last: keep only the newest N step-NNNNNN checkpoints (None: all of them); final/ is always kept.
         activation_checkpointing: recompute each block's activations in backward to save memory.
         loss_chunk_size: tokens per cross-entropy chunk, so the full fp32 logits never exist at once.
     """
@@ -50,15 +52,16 @@ class TrainArgs:
     log_interval: int = 1
     eval_interval: int | None = 50
     eval_max_batches: int | None = None
-    save_interval: int | None = None
+    save_interval: int | None = 1000
+    keep_last: int | None = None
     activation_checkpointing: bool = False
     loss_chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         at_least_one = ["global_batch_size", "micro_batch_size", "epochs", "max_seq_length", "log_interval",
                         "loss_chunk_size"]
-        at_least_one += [name for name in ("max_steps", "eval_interval", "eval_max_batches", "save_interval")
-                         if getattr(self, name) is not None]
+        optional = ("max_steps", "eval_interval", "eval_max_batches", "save_interval", "keep_last")
+        at_least_one += [name for name in optional if getattr(self, name) is not None]
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise UserError(f"--train.{name} must be at least 1, got {getattr(self, name)}")
