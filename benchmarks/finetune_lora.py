@@ -7,7 +7,8 @@ Modes: `lora` (r=8, alpha=16, no dropout, all seven linear layers of every block
 precisions: `32-true` and `bf16-mixed` (fp32 weights, bf16 autocast). The batches are built once from real rows of
 data/alpaca_demo.json with litllm's tokenizer and data pipeline (concatenated into batch_size x seq_len tokens, every
 position a target) and the identical tensors go to both sides. Each side runs in its own subprocess (`--worker`), so
-its peak RSS is its own. litllm trains through its real path (Fabric, the lora script's `next_token_loss`, `StepUnits`, `build_optimizer`);
+its peak RSS is its own. litllm trains through its real path (Fabric, the lora script's `next_token_loss`,
+`StepUnits`, `build_optimizer`);
 transformers through `model(input_ids, labels=labels).loss.backward()`. Prints one table and appends it to
 benchmarks/RESULTS.md (unless --no_append).
 """
@@ -44,7 +45,7 @@ def build_batches(checkpoint_dir: Path, data_path: Path, count: int, batch_size:
 
 
 def litllm_step(args):
-    """A function doing one optimizer step on a batch, as the lora script's `fit` does it (no clipping, no scheduler)."""
+    """A function doing one optimizer step on a batch, as the lora script's `fit` does (no clipping, no schedule)."""
     import lightning_fabric as L
 
     from litllm.checkpoint import load_model

@@ -89,7 +89,8 @@ def safetensors_files(checkpoint_dir: Path) -> list[Path]:
         inside = checkpoint_dir.resolve()
         for shard in shards:
             # the index is data from elsewhere: it may only name files in this directory
-            if not isinstance(shard, str) or Path(shard).is_absolute() or inside not in (inside / shard).resolve().parents:
+            if not isinstance(shard, str) or Path(shard).is_absolute() \
+                    or inside not in (inside / shard).resolve().parents:
                 raise UserError(f"{index}: the shard {shard!r} is not a file inside {checkpoint_dir}")
         return [checkpoint_dir / shard for shard in shards]
     single = checkpoint_dir / "model.safetensors"
@@ -156,6 +157,12 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.to(device)
     return model.eval()
+
+
+def is_model_dir_file(name: str) -> bool:
+    """Whether litllm writes a file of this name into a Hugging Face model dir (config, weights, tokenizer)."""
+    return (name in ("config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
+            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
 
 
 def copy_tokenizer_files(source_dir: Path | str, out_dir: Path | str) -> None:

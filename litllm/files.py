@@ -22,8 +22,9 @@ def check_out_dir(out_dir: Path | str, inputs: Iterable[Path | str | None] = ())
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file, not a directory; name a directory for the outputs")
     here = Path.cwd().resolve()
-    reserved = {Path("/"): "the root directory", Path.home().resolve(): "your home directory",
-                here: "the current directory", **{parent: "a parent of the current directory" for parent in here.parents}}
+    reserved = {**{parent: "a parent of the current directory" for parent in here.parents},
+                Path("/"): "the root directory", Path.home().resolve(): "your home directory",
+                here: "the current directory"}
     if resolved in reserved:
         raise UserError(f"--out_dir {out_dir} is {reserved[resolved]}; name a directory of its own for the outputs, "
                         "e.g. out/my-run")

@@ -33,8 +33,8 @@ import tokenizers
 from tokenizers import pre_tokenizers, trainers
 from tqdm import tqdm
 
-from litllm.checkpoint import check_checkpoint_dir, load_model, write_model_files
-from litllm.files import atomic_dir, refuse_to_overwrite
+from litllm.checkpoint import check_checkpoint_dir, is_model_dir_file, load_model, write_model_files
+from litllm.files import atomic_dir, check_out_dir, refuse_to_overwrite
 from litllm.errors import UserError
 from litllm.model import GPT
 from litllm.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -125,7 +125,7 @@ def extend(checkpoint_dir: Path, corpus: Path | None = None, num_new_tokens: int
         corpus: A UTF-8 text file in the new language, one document per line (required).
         num_new_tokens: How many tokens to add (fewer when the corpus has fewer to give).
         out_dir: The directory to write the extended checkpoint into (default: <checkpoint_dir>-extended beside it).
-        overwrite: Replace out_dir if it already exists.
+        overwrite: Replace a model dir at out_dir (only a model dir: any other file found there stops the command).
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     # An option rather than a positional argument, as in `litllm tokenizer extend CKPT --corpus FILE`
@@ -137,7 +137,8 @@ def extend(checkpoint_dir: Path, corpus: Path | None = None, num_new_tokens: int
         raise UserError(f"{corpus}: corpus file not found")
     if num_new_tokens < 1:
         raise UserError(f"--num_new_tokens must be at least 1, got {num_new_tokens}")
-    refuse_to_overwrite(out_dir, overwrite)
+    check_out_dir(out_dir, inputs=[checkpoint_dir, corpus])
+    refuse_to_overwrite(out_dir, overwrite, owned=is_model_dir_file)
     base = _read_byte_level_bpe(checkpoint_dir / "tokenizer.json")
 
     model = load_model(checkpoint_dir)

@@ -143,3 +143,20 @@ def test_adapter_target_patterns_are_checked(target_modules, message, tiny_chat_
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": target_modules}))
     with pytest.raises(UserError, match=message):
         load_adapter(load_model(tiny_chat_model_dir), tmp_path)
+
+
+def test_overwrite_of_a_model_dir_keeps_the_users_files_there(tiny_chat_model_dir, tmp_path, capsys):
+    from litllm.checkpoint import load_model
+    from litllm.lora import LoRAConfig, apply_lora, save_adapter
+
+    adapter = tmp_path / "adapter"
+    save_adapter(apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=2)), LoRAConfig(r=2), adapter,
+                 base_checkpoint=tiny_chat_model_dir)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "thesis.tex").write_text("mine")
+    error = one_line_error(["convert", "merge_lora", adapter, "--out_dir", merged, "--overwrite", "true"], capsys)
+    assert "thesis.tex" in error and (merged / "thesis.tex").read_text() == "mine"
+    one_line_error(["convert", "merge_lora", adapter, "--out_dir", adapter, "--overwrite", "true"], capsys)
+    assert (adapter / "adapter_model.safetensors").is_file()

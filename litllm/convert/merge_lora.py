@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from litllm.checkpoint import check_checkpoint_dir, load_model, parse_dtype, save_checkpoint
+from litllm.checkpoint import check_checkpoint_dir, is_model_dir_file, load_model, parse_dtype, save_checkpoint
 from litllm.config import Config
 from litllm.errors import UserError
+from litllm.files import check_out_dir, refuse_to_overwrite
 from litllm.lora import load_adapter
 from litllm.lora import merge_lora as merge_lora_layers
 from litllm.model import GPT
@@ -23,11 +24,13 @@ def merge_lora(adapter_dir: Path, out_dir: Path | None = None, base: Path | None
         adapter_dir: a LoRA adapter dir (PEFT format, e.g. out/finetune/<run>/final).
         out_dir: where to write the merged model (default: <adapter_dir>-merged beside it).
         base: the base checkpoint dir (default: the one the adapter names in litllm.json or adapter_config.json).
-        overwrite: replace out_dir if it exists.
+        overwrite: replace a model dir at out_dir (only a model dir: any other file found there stops the command).
     """
     adapter_dir = Path(adapter_dir)
     out_dir = Path(out_dir) if out_dir is not None else adapter_dir.with_name(f"{adapter_dir.name}-merged")
-    refuse_existing(out_dir, overwrite)
+    base = adapter_base(adapter_dir, base)
+    check_out_dir(out_dir, inputs=[adapter_dir, base])
+    refuse_to_overwrite(out_dir, overwrite, owned=is_model_dir_file)
     model, base = merged_model(adapter_dir, base)
     save_checkpoint(model, out_dir, tokenizer_dir=adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base)
     _copy_generation_config(base, out_dir)
@@ -75,7 +78,3 @@ def _copy_generation_config(source: Path, out_dir: Path) -> None:
     if (source / "generation_config.json").is_file() and not (out_dir / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", out_dir / "generation_config.json")
 
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} already exists; pass `--overwrite true` to replace it")

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from litllm.checkpoint import check_checkpoint_dir, litllm_to_hf, load_model
 from litllm.config import Config
 from litllm.convert.from_gguf import BLOCK_TENSORS, MODEL_TENSORS, PRE_TOKENIZER_SPLITS
-from litllm.convert.merge_lora import merged_model, refuse_existing
+from litllm.convert.merge_lora import merged_model
 from litllm.errors import UserError
+from litllm.files import refuse_to_overwrite
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer as LitTokenizer
 
@@ -42,7 +43,7 @@ def to_gguf(checkpoint: Path, out_file: Path | None = None, dtype: str = "f16", 
     if dtype not in GGUF_DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
     out_file = Path(out_file) if out_file is not None else checkpoint.with_name(f"{checkpoint.name}-{dtype}.gguf")
-    refuse_existing(out_file, overwrite)
+    refuse_to_overwrite(out_file, overwrite)
     if (checkpoint / "adapter_config.json").is_file():
         model, model_dir = merged_model(checkpoint, base)
     else:

@@ -114,7 +114,7 @@ def setup(
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
         seed: random seed of the run: data order, new weights and adapters, dropout.
         resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
-        overwrite: delete an existing out_dir and start over.
+        overwrite: start over in an out_dir that holds a run, deleting its checkpoints and logs (nothing else).
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     check_strategy(strategy, optimizer)

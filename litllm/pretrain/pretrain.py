@@ -88,7 +88,7 @@ def setup(
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
         seed: random seed of the run: data order, new weights and adapters, dropout.
         resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
-        overwrite: delete an existing out_dir and start over.
+        overwrite: start over in an out_dir that holds a run, deleting its checkpoints and logs (nothing else).
         sample_prompt: after training, print a sampled continuation of this text from the final checkpoint.
     """
     if (model_name is None) == (initial_checkpoint is None):
@@ -162,11 +162,14 @@ def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, sc
     total_steps = args.total_steps(len(train_data))
     log = StepLog(fabric, args, total_steps, progress.step, flops_per_token)
 
+    def objective(model, batch):  # validation's view of the loss: (summed loss, summed metrics)
+        return next_token_loss(model, batch, args.loss_chunk_size), {}
+
     def evaluate() -> dict[str, float]:
-        metrics = validate(fabric, model, val_data, args,
-                           lambda model, batch: (next_token_loss(model, batch, args.loss_chunk_size), {}), count_targets)
+        metrics = validate(fabric, model, val_data, args, objective, count_targets)
         metrics["val_ppl"] = perplexity(metrics["val_loss"])  # exp of the mean token cross-entropy
-        fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}, val perplexity {metrics['val_ppl']:.2f}")
+        fabric.print(f"step {progress.step}: val loss {metrics['val_loss']:.4f}, "
+                     f"val perplexity {metrics['val_ppl']:.2f}")
         return metrics
 
     if progress.step == 0 and len(val_data):  # the starting point, to compare the end with

@@ -22,7 +22,7 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 
 
 def target_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The hidden states (N, hidden_size) that predict the N target tokens, the targets (N,), and each one's row (N,)."""
+    """The hidden states (N, hidden_size) that predict the N target tokens, the targets (N,), and their rows (N,)."""
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX  # (B, T - 1)
     return hidden[:, :-1][keep], targets[keep], keep.nonzero()[:, 0]

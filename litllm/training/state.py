@@ -55,7 +55,8 @@ def prepare_out_dir(fabric: L.Fabric, out_dir: Path, resume: bool | Literal["aut
             raise UserError(f"--resume true: no complete checkpoint under {out_dir} (use --resume auto to start fresh)")
         return latest
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir} already exists; pass --resume auto to continue it or --overwrite true to start over")
+        raise UserError(f"{out_dir} already exists; pass --resume auto to continue it or --overwrite true to start "
+                        "over")
     refuse_to_overwrite(out_dir, overwrite, owned=lambda name: _RUN_ENTRY.fullmatch(name) is not None)
     if fabric.global_rank == 0 and out_dir.exists():
         remove_entries(out_dir, [entry.name for entry in out_dir.iterdir()])
@@ -114,7 +115,8 @@ class Checkpoints:
 
     def __enter__(self) -> Checkpoints:
         """From here on, SIGTERM and Ctrl-C end the run at the next step boundary with a checkpoint."""
-        self.previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_handlers = {sig: signal.signal(sig, self._request_stop)
+                                  for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc_info) -> None:
