@@ -17,9 +17,10 @@ import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from litllm.convert.gguf_pre_tokenizers import BY_NAME
 from litllm.errors import UserError
 
 # GGUF architecture -> Hugging Face (model_type, class). Mistral and most Llama fine-tunes are "llama" in GGUF.
@@ -44,43 +45,6 @@ BLOCK_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-# How text is cut into words before BPE, by `tokenizer.ggml.pre`. llama.cpp names the regex its vocabulary
-# was trained with; a name missing here gets GPT-2's, which is what transformers' GGUF loader does too.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
-         "dbrx", "smaug-bpe"],
-        _LLAMA3_SPLIT,
-    ),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
-}
-
 
 def from_gguf(gguf_file: Path, out_dir: Path | None = None, overwrite: bool = False) -> Path:
     """Unpack a llama.cpp GGUF file into a Hugging Face model directory, weights dequantized to float32.
@@ -286,7 +250,7 @@ def hf_tokenizer(metadata: dict, gguf_file: Path) -> tuple[Tokenizer, dict]:
     token_types = metadata.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
     merges = metadata.get("tokenizer.ggml.merges")
     if kind == "gpt2":
-        tokenizer = _byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"))
+        tokenizer = _byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"), gguf_file)
         # every token of a byte-level vocabulary is spelled in the 256-character byte alphabet; a "control"
         # token that is not is a llama.cpp labeling mistake, and adding it would grow the vocabulary
         spelling = set(pre_tokenizers.ByteLevel.alphabet())
@@ -341,8 +305,15 @@ def hf_tokenizer(metadata: dict, gguf_file: Path) -> tuple[Tokenizer, dict]:
     return tokenizer, tokenizer_config
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Tokenizer:
-    """GPT-2 style BPE over UTF-8 bytes, each byte spelled as one printable character (space is "Ġ")."""
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre_name: str | None, gguf_file: Path) -> Tokenizer:
+    """GPT-2 style BPE over UTF-8 bytes, each byte spelled as one printable character (space is "Ġ"), cutting text
+    into words as llama.cpp does for `pre_name`."""
+    # A file without a name, and the "gpt2" litllm wrote before it used llama.cpp's names, cut like GPT-2, as
+    # transformers' GGUF loader reads them.
+    pre = BY_NAME.get("gpt-2" if pre_name in (None, "gpt2") else pre_name)
+    if pre is None:
+        raise UserError(f"{gguf_file}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not one litllm can rebuild, so "
+                        f"it would tokenize text unlike llama.cpp (it rebuilds: {', '.join(sorted(BY_NAME))})")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     # A few files store a token as its plain text ("\n\n") rather than in the byte alphabet ("ĊĊ").
@@ -358,18 +329,10 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> To
             continuing_subword_prefix="",
             end_of_word_suffix="",
             fuse_unk=False,
+            ignore_merges=pre.ignore_merges,
         )
     )
-    split = PRE_TOKENIZER_SPLITS.get(pre)
-    if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    tokenizer.pre_tokenizer = pre.build()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import tokenizers
 import torch
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, litllm_to_hf, load_model
 from litllm.config import Config
-from litllm.convert.from_gguf import BLOCK_TENSORS, MODEL_TENSORS, PRE_TOKENIZER_SPLITS
+from litllm.convert.from_gguf import BLOCK_TENSORS, MODEL_TENSORS
+from litllm.convert.gguf_pre_tokenizers import PRE_TOKENIZERS, PROBE, matching
 from litllm.convert.merge_lora import merged_model, refuse_existing
 from litllm.errors import UserError
 from litllm.model import GPT
@@ -52,6 +54,7 @@ def to_gguf(checkpoint: Path, out_file: Path | None = None, dtype: str = "f16", 
     if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         raise UserError(f"{model_dir}: model_type {config.model_type!r} cannot be exported to GGUF")
     arch = "llama" if config.model_type in ("llama", "mistral") else config.model_type
+    _refuse_what_llama_cpp_runs_differently(config, arch, model_dir)
     if config.sliding_window is not None and config.sliding_window < config.max_seq_len:
         print(f"Note: llama.cpp's {arch} architecture has no sliding-window attention; the GGUF model attends to "
               f"all previous tokens, which equals this model's for prompts up to {config.sliding_window} tokens")
@@ -75,6 +78,25 @@ def to_gguf(checkpoint: Path, out_file: Path | None = None, dtype: str = "f16", 
         staging.unlink(missing_ok=True)
     print(f"Saved {out_file} ({dtype}, {out_file.stat().st_size / 1e6:.1f} MB)")
     return out_file
+
+
+def _refuse_what_llama_cpp_runs_differently(config: Config, arch: str, model_dir: Path) -> None:
+    """Stop before writing a model llama.cpp would refuse to load, or would run with other numbers than litllm."""
+    if arch == "qwen2" and config.n_heads * config.head_dim != config.hidden_size:
+        raise UserError(f"{model_dir}: llama.cpp's qwen2 needs num_attention_heads * head_dim == hidden_size "
+                        f"({config.n_heads} * {config.head_dim} != {config.hidden_size})")
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "llama3" and arch != "llama":
+        raise UserError(f"{model_dir}: llama.cpp reads Llama 3 RoPE scaling (the rope_freqs tensor) only for the llama "
+                        f"architecture, not {arch}")
+    # llama.cpp's YaRN takes beta_fast 32, beta_slow 1 and the attention factor 0.1 ln(factor) + 1, as transformers does
+    # by default; other values would need keys litllm does not write
+    unwritten = {key: value for key, value in scaling.items()
+                 if key not in ("rope_type", "factor", "original_max_position_embeddings")
+                 and (key, value) not in (("beta_fast", 32), ("beta_slow", 1))}
+    if scaling["rope_type"] == "yarn" and unwritten:
+        raise UserError(f"{model_dir}: YaRN RoPE with {unwritten} cannot be exported to GGUF (supported: factor and "
+                        "original_max_position_embeddings, with beta_fast 32 and beta_slow 1)")
 
 
 def _add_model_metadata(writer: gguf.GGUFWriter, config: Config, file_type: gguf.LlamaFileType) -> None:
@@ -103,27 +125,28 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: Config, file_type: gguf
     # llama3 scaling is written as the `rope_freqs` tensor (see _gguf_tensors)
 
 
-# pre-tokenizers of tokenizer.json -> llama.cpp's name for them (`tokenizer.ggml.pre`), which picks its split regex
-_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
-_DIGITS = {"type": "Digits", "individual_digits": True}
+def llama_cpp_pre_tokenizer(tokenizer_file: Path) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the way this tokenizer.json cuts text into words.
 
-
-def _gguf_pre_tokenizer(pre_tokenizer: dict | None, tokenizer_file: Path) -> str:
-    def same(step: dict, expected: dict) -> bool:
-        return all(step.get(key) == value for key, value in expected.items())
-
-    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
-    if len(steps) == 1 and same(steps[0], _GPT2_BYTE_LEVEL):
-        return "gpt2"
-    if len(steps) == 2 and same(steps[0], _DIGITS) and same(steps[1], _GPT2_BYTE_LEVEL):
-        return "smollm"  # SmolLM: digits one by one, then GPT-2's regex
-    if len(steps) == 2 and steps[0].get("type") == "Split" and same(steps[1], {"type": "ByteLevel", "use_regex": False}):
-        regex = steps[0].get("pattern", {}).get("Regex")
-        for name in ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"):
-            if regex == PRE_TOKENIZER_SPLITS[name]:
-                return name
-    raise UserError(f"{tokenizer_file}: its pre-tokenizer has no llama.cpp counterpart litllm knows "
-                    "(known: GPT-2, SmolLM, Llama 3, Qwen2, Qwen3.5, Tekken, GPT-4o splits)")
+    Found by what the tokenizer does, not by how its file spells it (see gguf_pre_tokenizers): its normalizer and
+    pre-tokenizer must cut a probe text exactly like one of llama.cpp's, with the same rule for whole-word tokens.
+    """
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    ignore_merges = tokenizer.model.ignore_merges
+    candidates = matching(tokenizer.pre_tokenizer, tokenizer.normalizer)
+    for pre in candidates:
+        if pre.ignore_merges == ignore_merges:
+            return pre.name
+    if candidates:
+        raise UserError(f"{tokenizer_file}: it cuts words like llama.cpp's {candidates[0].name!r} pre-tokenizer, but "
+                        f"{'ignores' if ignore_merges else 'applies'} BPE merges for words that are whole tokens, "
+                        "which llama.cpp does not do with that pre-tokenizer; it would tokenize some words differently")
+    if tokenizer.normalizer is not None and tokenizer.normalizer.normalize_str(PROBE) != PROBE:
+        raise UserError(f"{tokenizer_file}: its normalizer rewrites text before tokenizing, which llama.cpp does not "
+                        "do for a byte-level BPE vocabulary; it would tokenize text differently")
+    raise UserError(f"{tokenizer_file}: its pre-tokenizer cuts text into words unlike every pre-tokenizer llama.cpp "
+                    f"knows that litllm can name ({', '.join(pre.name for pre in PRE_TOKENIZERS)}); llama.cpp would "
+                    "tokenize text differently")
 
 
 def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path, n_embeddings: int) -> None:
@@ -143,14 +166,17 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path, n_embe
     for added in spec.get("added_tokens", []):
         id_to_token[added["id"]] = added["content"]
         token_types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    if max(id_to_token) >= n_embeddings:
+        raise UserError(f"{tokenizer_file}: token id {max(id_to_token)} has no embedding row (the model has "
+                        f"{n_embeddings}); llama.cpp needs one row per token")
     # one entry per embedding row: rows past the tokenizer (padding for speed) get placeholder tokens
-    size = max(n_embeddings, max(id_to_token) + 1)
+    size = n_embeddings
     tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(size)]
     types = [token_types.get(i, gguf.TokenType.UNUSED) for i in range(size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_gguf_pre_tokenizer(spec.get("pre_tokenizer"), tokenizer_file))
+    writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer_file))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
