@@ -4,6 +4,10 @@ References are transformers' own GGUF loading (`from_pretrained(dir, gguf_file=.
 SmolLM2 file, and tiny random models of each family written to GGUF the way llama.cpp's converter does.
 """
 import json
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -260,3 +264,57 @@ def test_unknown_architecture_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="architecture 'mamba' is not supported"):
         from_gguf(tmp_path / "mamba.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _hostile_files(smollm2_gguf: Path) -> dict[str, bytes]:
+    head = smollm2_gguf.open("rb").read(5000)
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)  # version 3, no tensors, one metadata entry
+    return {
+        "not GGUF": b"PK\x03\x04 a zip file, not a model\n",
+        "empty": b"",
+        "header only": head[:24],
+        "truncated in the metadata": head,
+        # 49 bytes: one entry, an array of 2^40 uint8 items, none of them present
+        "huge array count": header + struct.pack("<Q", 5) + b"a.key" + struct.pack("<IIQ", 9, 0, 2**40),
+        "huge string length": header + struct.pack("<Q", 2**62),
+        "huge entry count": b"GGUF" + struct.pack("<IQQ", 3, 0, 2**63),
+    }
+
+
+@pytest.fixture(scope="module")
+def truncated_in_the_weights(smollm2_gguf, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "half.gguf"
+    with smollm2_gguf.open("rb") as f:
+        path.write_bytes(f.read(smollm2_gguf.stat().st_size // 2))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["not GGUF", "empty", "header only", "truncated in the metadata", "huge array count",
+                                  "huge string length", "huge entry count"])
+def test_a_hostile_gguf_is_refused_at_once(kind, smollm2_gguf, tmp_path):
+    (tmp_path / "model.gguf").write_bytes(_hostile_files(smollm2_gguf)[kind])
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"model\.gguf: (not a GGUF file|damaged or truncated GGUF file)"):
+        from_gguf(tmp_path / "model.gguf", tmp_path / "out")
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_truncated_in_the_weights_is_refused_before_dequantizing(truncated_in_the_weights, tmp_path):
+    with pytest.raises(UserError, match=r"damaged or truncated GGUF file: the \d+ bytes of tensor 'blk\..*' run past"):
+        from_gguf(truncated_in_the_weights, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["huge array count", "truncated in the weights"])
+def test_the_cli_refuses_a_hostile_gguf_in_one_line_with_exit_code_2(kind, smollm2_gguf, truncated_in_the_weights,
+                                                                    tmp_path):
+    path = truncated_in_the_weights
+    if kind == "huge array count":
+        path = tmp_path / "model.gguf"
+        path.write_bytes(_hostile_files(smollm2_gguf)[kind])
+    # the timeout guards against the reader's endless loop on the huge count this check exists to prevent
+    result = subprocess.run([sys.executable, "-m", "litllm", "convert", "from_gguf", str(path),
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -62,6 +64,7 @@ def from_gguf(gguf_file: Path, out_dir: Path | None = None, overwrite: bool = Fa
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty; pass `--overwrite true` to replace it")
 
+    check_gguf_file(gguf_file)
     reader = gguf.GGUFReader(gguf_file)
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {tensor.name: tensor for tensor in reader.tensors}
@@ -93,6 +96,125 @@ def from_gguf(gguf_file: Path, out_dir: Path | None = None, overwrite: bool = Fa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+# GGUF metadata values: how many bytes a scalar takes, by value type
+_SCALAR_SIZES = {
+    gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+    gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2,
+    gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4,
+    gguf.GGUFValueType.UINT64: 8, gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8,
+}
+# the fewest bytes a metadata value of each type can take: a string or an array is at least its length field(s)
+_MIN_SIZES = {**_SCALAR_SIZES, gguf.GGUFValueType.STRING: 8, gguf.GGUFValueType.ARRAY: 4 + 8}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_gguf_file(gguf_file: Path) -> None:
+    """Walk the file's layout and refuse, in one line, anything gguf's reader would crash or loop on.
+
+    gguf's reader trusts every length and count in the file: a truncated file ends in a numpy traceback, and a
+    49-byte file that declares 2^40 array items makes it loop for hours. Here every length is checked against what
+    is left of the file before anything is read by it, and every tensor's data must lie inside the file.
+    """
+    size = gguf_file.stat().st_size
+    with gguf_file.open("rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise UserError(f"{gguf_file}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _check_gguf_layout(data, gguf_file)
+
+
+def _check_gguf_layout(data: mmap.mmap, gguf_file: Path) -> None:
+    size, offset = len(data), 4  # after the magic
+
+    def damaged(what: str) -> UserError:
+        return UserError(f"{gguf_file}: damaged or truncated GGUF file: {what} (at byte {offset} of {size})")
+
+    def take(n_bytes: int, what: str) -> bytes:
+        nonlocal offset
+        if n_bytes > size - offset:
+            raise damaged(f"{what} needs {n_bytes} bytes, only {size - offset} are left")
+        offset += n_bytes
+        return data[offset - n_bytes:offset]
+
+    def number(fmt: str, what: str) -> int:
+        return struct.unpack("<" + fmt, take(struct.calcsize(fmt), what))[0]
+
+    def string(what: str) -> str:
+        try:
+            return take(number("Q", f"the length of {what}"), what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise damaged(f"{what} is not UTF-8 text") from None
+
+    def count(what: str, min_item_size: int) -> int:
+        n = number("Q", f"the count of {what}")
+        if n * min_item_size > size - offset:
+            raise damaged(f"{n} {what} cannot fit in the {size - offset} bytes left")
+        return n
+
+    def skip_value(value_type: int, what: str) -> None:
+        if value_type in _SCALAR_SIZES:
+            take(_SCALAR_SIZES[value_type], what)
+        elif value_type == gguf.GGUFValueType.STRING:
+            string(what)
+        elif value_type == gguf.GGUFValueType.ARRAY:
+            item_type = number("I", f"the item type of {what}")
+            if item_type not in _MIN_SIZES:
+                raise damaged(f"{what} has items of unknown type {item_type}")
+            n_items = count(f"items of {what}", _MIN_SIZES[item_type])
+            if item_type in _SCALAR_SIZES:
+                take(n_items * _SCALAR_SIZES[item_type], what)
+            else:
+                for _ in range(n_items):
+                    skip_value(item_type, what)
+        else:
+            raise damaged(f"{what} has unknown value type {value_type}")
+
+    version = number("I", "the version")
+    if version not in (2, 3):
+        raise UserError(f"{gguf_file}: GGUF version {version} is not supported (supported: 2, 3)")
+    n_tensors = number("Q", "the tensor count")
+    n_entries = count("metadata entries", 8 + 4)  # each at least a key length and a value type
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    keys = set()
+    for _ in range(n_entries):
+        key = string("a metadata key")
+        if key in keys:
+            raise damaged(f"metadata key {key!r} appears twice")
+        keys.add(key)
+        value_type = number("I", f"the type of {key}")
+        if key == "general.alignment":
+            alignment = number("I", key) if value_type == gguf.GGUFValueType.UINT32 else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise damaged("general.alignment is not a power of two stored as a uint32")
+        else:
+            skip_value(value_type, key)
+    if n_tensors * (8 + 4 + 4 + 8) > size - offset:  # each at least a name length, dimension count, type, offset
+        raise damaged(f"{n_tensors} tensor descriptions cannot fit in the {size - offset} bytes left")
+    known_types = {qtype.value for qtype in gguf.GGML_QUANT_SIZES}
+    tensor_bytes = {}
+    for _ in range(n_tensors):
+        name = string("a tensor name")
+        n_dims = number("I", f"the dimension count of {name}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise damaged(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+        shape = [number("Q", f"the shape of {name}") for _ in range(n_dims)]
+        type_id = number("I", f"the type of {name}")
+        if type_id not in known_types:
+            raise damaged(f"tensor {name!r} has unknown type {type_id}")
+        block_size, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+        if shape[0] % block_size:
+            raise damaged(f"tensor {name!r} has rows of {shape[0]} values, not whole blocks of {block_size}")
+        if name in tensor_bytes:
+            raise damaged(f"tensor {name!r} appears twice")
+        tensor_bytes[name] = (number("Q", f"the data offset of {name}"), math.prod(shape) // block_size * block_bytes)
+    data_start = -(-offset // alignment) * alignment  # the tensor data begins at the next multiple of alignment
+    for name, (start, n_bytes) in tensor_bytes.items():
+        if data_start + start + n_bytes > size:
+            offset = data_start + start
+            raise damaged(f"the {n_bytes} bytes of tensor {name!r} run past the end of the file")
 
 
 def hf_config(metadata: dict, tensors: dict[str, gguf.ReaderTensor], gguf_file: Path) -> dict:
