@@ -1,10 +1,9 @@
 """GGUF files llama.cpp loads: the names, keys and tensors to_gguf writes are those llama.cpp accepts.
 
-Without llama.cpp (CI), the reference is data copied from its source (llama_cpp_accepted.py, version pinned there): the
-pre-tokenizer names it knows, the metadata keys it reads, the tensors and shapes each architecture loads. Each family
-is a tiny random model with its family's real pre-tokenizer over SmolLM2's vocabulary. With llama-cpp-python
-installed, the same exports are loaded in llama.cpp itself and must tokenize and score like litllm
-(benchmarks/llamacpp.py does the same for real SmolLM2 exports and times them).
+The reference is data copied from llama.cpp's source (llama_cpp_accepted.py, version pinned there), so CI needs no
+llama.cpp: the pre-tokenizer names it knows, the metadata keys it reads, the tensors and shapes each architecture
+loads. Each family is a tiny random model with its family's real pre-tokenizer over SmolLM2's vocabulary
+(family_tokenizers.py). benchmarks/llamacpp.py loads the same exports, and real SmolLM2 ones, in llama.cpp itself.
 """
 import json
 import shutil
@@ -15,73 +14,20 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import pre_tokenizers
 
-from hf_models import save_tiny_hf_model
-from litllm.checkpoint import copy_tokenizer_files, load_model
+from family_tokenizers import (FAMILY_TOKENIZERS, QWEN2_REGEX, TOKENIZERS, save_tiny_family,
+                               save_tiny_sentencepiece_llama, split_then_bytes)
 from litllm.convert.from_gguf import hf_tokenizer
 from litllm.convert.gguf_pre_tokenizers import BY_NAME, PRE_TOKENIZERS, PROBE, cut
 from litllm.convert.to_gguf import llama_cpp_pre_tokenizer, to_gguf
 from litllm.errors import UserError
-from litllm.tokenizer import Tokenizer as LitTokenizer
 from llama_cpp_accepted import LLAMA_CPP_VERSION, METADATA_KEYS, PRE_TOKENIZER_NAMES, TENSORS
-
-# Each family's pre-tokenizer as its published tokenizer.json spells it, and whether its BPE ignores merges for
-# words that are whole tokens.
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _split_then_bytes(regex: str) -> dict:
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-
-
-TOKENIZERS = {
-    # (normalizer, pre_tokenizer, ignore_merges), None: SmolLM2's own; the name llama.cpp's converter writes for it
-    "smollm2": (None, "smollm"),
-    "llama3": ((None, _split_then_bytes(_LLAMA3_REGEX), True), "llama-bpe"),
-    "qwen2": (({"type": "NFC"}, _split_then_bytes(_QWEN2_REGEX), False), "qwen2"),
-    "tekken": ((None, _split_then_bytes(_TEKKEN_REGEX), True), "tekken"),
-}
-# litllm family (tests/hf_models.py) -> the tokenizer its real checkpoints ship
-FAMILIES = {"tied": "smollm2", "llama3-rope": "llama3", "mistral-sliding": "tekken", "qwen2": "qwen2",
-            "qwen2-yarn": "qwen2", "qwen3": "qwen2"}
-TEXTS = ["Hello, world! It's 2024: the quick brown fox.\n\n  def f(x):\treturn x**2",
-         "안녕하세요, 만나서 반갑습니다. 오늘 날씨가 정말 좋네요! 123,456원",
-         "<|im_start|>user\n한국어로 대답해 주세요<|im_end|>\n<|im_start|>assistant\n"]
-
-
-def write_family_tokenizer(source_dir: Path, out_dir: Path, tokenizer: str) -> None:
-    """SmolLM2's tokenizer files, with `tokenizer`'s normalizer, pre-tokenizer and merge rule in tokenizer.json."""
-    copy_tokenizer_files(source_dir, out_dir)
-    if TOKENIZERS[tokenizer][0] is None:
-        return
-    normalizer, pre_tokenizer, ignore_merges = TOKENIZERS[tokenizer][0]
-    spec = json.loads((out_dir / "tokenizer.json").read_text())
-    spec["normalizer"], spec["pre_tokenizer"] = normalizer, pre_tokenizer
-    spec["model"]["ignore_merges"] = ignore_merges
-    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-
 
 @pytest.fixture(scope="module")
 def family_dirs(tiny_chat_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny random model of each family with SmolLM2's vocabulary (49152 tokens) and the family's pre-tokenizer."""
-    dirs = {}
-    for family, tokenizer in FAMILIES.items():
-        out = tmp_path_factory.mktemp(family)
-        save_tiny_hf_model(family, out, vocab_size=49152, hidden_size=64, intermediate_size=128,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-        write_family_tokenizer(tiny_chat_model_dir, out, tokenizer)
-        dirs[family] = out
-    return dirs
+    return {family: save_tiny_family(family, tiny_chat_model_dir, tmp_path_factory.mktemp(family))
+            for family in FAMILY_TOKENIZERS}
 
 
 def test_every_pre_tokenizer_name_litllm_reads_or_writes_is_one_llama_cpp_knows():
@@ -123,14 +69,11 @@ def _shape(symbols: tuple[str, ...], fields: dict, arch: str, n_tokens: int) -> 
     return tuple(sizes[symbol] for symbol in symbols)
 
 
-@pytest.mark.parametrize("family, dtype", [(family, "f16") for family in FAMILIES] + [("tied", "bf16"),
-                                                                                     ("qwen3", "q8_0")])
-def test_gguf_of_every_family_holds_only_what_llama_cpp_accepts(family, dtype, family_dirs, tmp_path):
-    reader = gguf.GGUFReader(to_gguf(family_dirs[family], tmp_path / "model.gguf", dtype=dtype))
+def assert_llama_cpp_accepts(reader: gguf.GGUFReader) -> dict:
+    """Every metadata key one llama.cpp reads, every tensor one its architecture loads, in the shape it expects, and
+    every tensor it needs there. Returns the metadata."""
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     arch = fields["general.architecture"]
-    assert fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == TOKENIZERS[FAMILIES[family]][1]
     accepted_keys = {key.replace("%s", arch) for key in METADATA_KEYS}
     assert set(fields) <= accepted_keys, f"keys {LLAMA_CPP_VERSION} does not read: {set(fields) - accepted_keys}"
 
@@ -143,6 +86,16 @@ def test_gguf_of_every_family_holds_only_what_llama_cpp_accepts(family, dtype, f
     assert {name for name, (_, required) in expected.items() if required} <= set(tensors)
     for name, tensor in tensors.items():
         assert tuple(int(n) for n in tensor.shape) == _shape(expected[name][0], fields, arch, n_tokens), name
+    return fields
+
+
+@pytest.mark.parametrize("family, dtype", [(family, "f16") for family in FAMILY_TOKENIZERS] + [("tied", "bf16"),
+                                                                                             ("qwen3", "q8_0")])
+def test_gguf_of_every_family_holds_only_what_llama_cpp_accepts(family, dtype, family_dirs, tmp_path):
+    gguf_file = to_gguf(family_dirs[family], tmp_path / "model.gguf", dtype=dtype)
+    fields = assert_llama_cpp_accepts(gguf.GGUFReader(gguf_file))
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == TOKENIZERS[FAMILY_TOKENIZERS[family]][1]
 
 
 def _with_pre_tokenizer(source_dir: Path, out_dir: Path, pre_tokenizer: dict, ignore_merges: bool = False) -> Path:
@@ -157,7 +110,7 @@ def _with_pre_tokenizer(source_dir: Path, out_dir: Path, pre_tokenizer: dict, ig
     ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}, False,
      "unlike every pre-tokenizer llama.cpp knows"),
     ({"type": "Whitespace"}, False, "unlike every pre-tokenizer llama.cpp knows"),
-    (_split_then_bytes(_QWEN2_REGEX), True, "ignores BPE merges for words that are whole tokens"),
+    (split_then_bytes(QWEN2_REGEX), True, "ignores BPE merges for words that are whole tokens"),
 ])
 def test_a_tokenizer_llama_cpp_would_cut_differently_is_refused(pre_tokenizer, ignore_merges, message,
                                                                 tiny_chat_model_dir, tmp_path):
@@ -174,3 +127,35 @@ def test_the_refusal_is_one_line_and_exit_code_2(tiny_chat_model_dir, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "pre-tokenizer" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no file, no temp file
+
+
+CORPUS = [Path(__file__).parent.parent / "data" / name for name in ("tiny_shakespeare.txt", "ko_nsmc_reviews.txt")]
+
+
+def test_a_sentencepiece_tokenizer_exports_as_llama_cpp_llama_vocabulary(tmp_path):
+    import sentencepiece
+
+    checkpoint = save_tiny_sentencepiece_llama(tmp_path / "llama2-style", CORPUS)
+    fields = assert_llama_cpp_accepts(gguf.GGUFReader(to_gguf(checkpoint, tmp_path / "model.gguf")))
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    pieces = range(processor.get_piece_size())
+    assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in fields
+    assert fields["tokenizer.ggml.tokens"] == [processor.id_to_piece(i) for i in pieces]
+    np.testing.assert_array_equal(fields["tokenizer.ggml.scores"], [processor.get_score(i) for i in pieces])
+    assert fields["tokenizer.ggml.token_type"][:3] == [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2
+    assert fields["tokenizer.ggml.token_type"].count(gguf.TokenType.BYTE) == 256
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert fields["tokenizer.ggml.add_bos_token"] and fields["tokenizer.ggml.add_space_prefix"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(legacy=False), "without sentencepiece's leading space"),
+    (dict(model_type="unigram"), "sentencepiece unigram model"),
+    (dict(byte_fallback=False), r"lacks \(trained without byte_fallback\)"),
+    (dict(normalization_rule_name="nmt_nfkc"), r"sentencepiece normalizes text \(nmt_nfkc"),
+])
+def test_a_sentencepiece_tokenizer_llama_cpp_would_run_differently_is_refused(options, message, tmp_path):
+    checkpoint = save_tiny_sentencepiece_llama(tmp_path / "llama2-style", CORPUS, **options)
+    with pytest.raises(UserError, match=message):
+        to_gguf(checkpoint, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()

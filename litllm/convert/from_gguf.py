@@ -434,8 +434,8 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre_name: str | None, 
     # transformers' GGUF loader reads them.
     pre = BY_NAME.get("gpt-2" if pre_name in (None, "gpt2") else pre_name)
     if pre is None:
-        raise UserError(f"{gguf_file}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not one litllm can rebuild, so "
-                        f"it would tokenize text unlike llama.cpp (it rebuilds: {', '.join(sorted(BY_NAME))})")
+        raise UserError(f"{gguf_file}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not one litllm can rebuild, "
+                        f"so it would tokenize text unlike llama.cpp (it rebuilds: {', '.join(sorted(BY_NAME))})")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     # A few files store a token as its plain text ("\n\n") rather than in the byte alphabet ("ĊĊ").

@@ -99,7 +99,8 @@ PROBE = (
 )
 
 
-def cut(text: str, pre_tokenizer: pre_tokenizers.PreTokenizer | None, normalizer: Normalizer | None = None) -> list[str]:
+def cut(text: str, pre_tokenizer: pre_tokenizers.PreTokenizer | None,
+        normalizer: Normalizer | None = None) -> list[str]:
     """The words a tokenizer hands to BPE for `text` (each spelled in the byte alphabet, space as "Ġ")."""
     if normalizer is not None:
         text = normalizer.normalize_str(text)
