@@ -255,6 +255,17 @@ def test_missing_gguf_file_is_a_user_error(tmp_path):
         from_gguf(tmp_path / "missing.gguf", tmp_path / "out")
 
 
+def test_a_gguf_without_a_model_in_it_is_a_user_error(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "vocabulary-only.gguf", "llama")
+    writer.add_token_list(["a", "b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="no token_embd.weight tensor; not a model file"):
+        from_gguf(tmp_path / "vocabulary-only.gguf", tmp_path / "out")
+
+
 def test_unknown_architecture_is_a_user_error(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
     writer.write_header_to_file()

@@ -219,7 +219,9 @@ def _check_gguf_layout(data: mmap.mmap, gguf_file: Path) -> None:
 
 def hf_config(metadata: dict, tensors: dict[str, gguf.ReaderTensor], gguf_file: Path) -> dict:
     """The config.json of the model this GGUF holds, from llama.cpp's `<arch>.*` metadata keys."""
-    arch = metadata["general.architecture"]
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"{gguf_file}: no general.architecture; not a model file")
     if arch not in ARCHITECTURES:
         raise UserError(
             f"{gguf_file}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
@@ -230,8 +232,12 @@ def hf_config(metadata: dict, tensors: dict[str, gguf.ReaderTensor], gguf_file: 
         value = metadata.get(f"{arch}.{name}", default)
         if value is None:
             raise UserError(f"{gguf_file}: metadata key '{arch}.{name}' is missing; the file looks truncated")
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{gguf_file}: metadata key '{arch}.{name}' is {value!r}, not a number")
         return value
 
+    if "token_embd.weight" not in tensors:  # a LoRA adapter or a vocabulary-only file
+        raise UserError(f"{gguf_file}: it has no token_embd.weight tensor; not a model file")
     hidden_size, n_heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", hidden_size // n_heads)
     if key("rope.dimension_count", head_dim) != head_dim:
@@ -368,7 +374,9 @@ def hf_tokenizer(metadata: dict, gguf_file: Path) -> tuple[Tokenizer, dict]:
     and special tokens, so both encode every text to the same ids.
     """
     kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata["tokenizer.ggml.tokens"]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise UserError(f"{gguf_file}: no vocabulary (tokenizer.ggml.tokens); litllm imports models with a tokenizer")
     token_types = metadata.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
     merges = metadata.get("tokenizer.ggml.merges")
     if kind == "gpt2":
