@@ -89,8 +89,8 @@ def assert_llama_cpp_accepts(reader: gguf.GGUFReader) -> dict:
     return fields
 
 
-@pytest.mark.parametrize("family, dtype", [(family, "f16") for family in FAMILY_TOKENIZERS] + [("tied", "bf16"),
-                                                                                             ("qwen3", "q8_0")])
+# the dtype changes no name, key or tensor shape: one family in q8_0 besides f16 is enough
+@pytest.mark.parametrize("family, dtype", [(family, "f16") for family in FAMILY_TOKENIZERS] + [("qwen3", "q8_0")])
 def test_gguf_of_every_family_holds_only_what_llama_cpp_accepts(family, dtype, family_dirs, tmp_path):
     gguf_file = to_gguf(family_dirs[family], tmp_path / "model.gguf", dtype=dtype)
     fields = assert_llama_cpp_accepts(gguf.GGUFReader(gguf_file))
