@@ -236,8 +236,8 @@ def main() -> None:
             within = "yes" if result.logit_diff <= tolerance else "**no**"
             loads = "yes" if result.loads else "**no**"
             rows.append(f"| {export.name} | {export.dtype} | {loads} | {result.english} | "
-                        f"{result.korean} | {result.chat_prompts} | {result.logit_diff:.1e} (≤ {tolerance:.1e}: "
-                        f"{within}) | {result.rounding_diff:.1e} | {result.greedy} | {result.tokens_per_second:.1f} |")
+                        f"{result.korean} | {result.chat_prompts} | {result.logit_diff:.2e} (≤ {tolerance:.1e}: "
+                        f"{within}) | {result.rounding_diff:.2e} | {result.greedy} | {result.tokens_per_second:.1f} |")
             print(rows[-1], flush=True)
             gguf_file.unlink()
 
