@@ -316,13 +316,9 @@ def test_a_gguf_truncated_in_the_weights_is_refused_before_dequantizing(truncate
         from_gguf(truncated_in_the_weights, tmp_path / "out")
 
 
-@pytest.mark.parametrize("kind", ["huge array count", "truncated in the weights"])
-def test_the_cli_refuses_a_hostile_gguf_in_one_line_with_exit_code_2(kind, smollm2_gguf, truncated_in_the_weights,
-                                                                    tmp_path):
-    path = truncated_in_the_weights
-    if kind == "huge array count":
-        path = tmp_path / "model.gguf"
-        path.write_bytes(_hostile_files(smollm2_gguf)[kind])
+def test_the_cli_refuses_a_hostile_gguf_in_one_line_with_exit_code_2(smollm2_gguf, tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(_hostile_files(smollm2_gguf)["huge array count"])
     # the timeout guards against the reader's endless loop on the huge count this check exists to prevent
     result = subprocess.run([sys.executable, "-m", "litllm", "convert", "from_gguf", str(path),
                              "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)

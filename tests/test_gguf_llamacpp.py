@@ -53,13 +53,6 @@ def test_the_tokenizer_from_gguf_builds_for_a_name_is_named_back_by_to_gguf(name
     assert llama_cpp_pre_tokenizer(tmp_path / "tokenizer.json") == BY_NAME[name].name
 
 
-def test_smollm2_keeps_its_pre_tokenizer_name_from_gguf_to_gguf(smollm2_gguf, tiny_chat_model_dir, tmp_path):
-    # tiny_chat_model_dir's tokenizer is the one from_gguf unpacked from the real SmolLM2 GGUF
-    original = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.ggml.pre"].contents()
-    exported = gguf.GGUFReader(to_gguf(tiny_chat_model_dir, tmp_path / "model.gguf", dtype="q8_0"))
-    assert exported.fields["tokenizer.ggml.pre"].contents() == original == "smollm"
-
-
 def _shape(symbols: tuple[str, ...], fields: dict, arch: str, n_tokens: int) -> tuple[int, ...]:
     head_dim = fields[f"{arch}.attention.key_length"]
     sizes = {"E": fields[f"{arch}.embedding_length"], "V": n_tokens, "F": fields[f"{arch}.feed_forward_length"],
