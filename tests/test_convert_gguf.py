@@ -4,6 +4,10 @@ References are transformers' own GGUF loading (`from_pretrained(dir, gguf_file=.
 SmolLM2 file, and tiny random models of each family written to GGUF the way llama.cpp's converter does.
 """
 import json
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -229,17 +233,19 @@ def test_refuses_to_overwrite_a_non_empty_out_dir(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"out.*not empty.*--overwrite true"):
+    with pytest.raises(UserError, match=r"out already exists; pass --overwrite true"):
         from_gguf(tmp_path / "model.gguf", out_dir)
+    with pytest.raises(UserError, match=r"out holds what litllm did not write there \(keep.txt\)"):
+        from_gguf(tmp_path / "model.gguf", out_dir, overwrite=True)
     assert (out_dir / "keep.txt").read_text() == "mine"
 
 
-def test_overwrite_true_replaces_out_dir(tmp_path):
+def test_overwrite_true_replaces_a_model_dir(tmp_path):
     gguf_file = write_gguf(save_tiny_hf_model("llama", tmp_path / "original"), tmp_path / "model.gguf", "llama",
                            byte_level_vocabulary(128))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    (out_dir / "stale.txt").write_text("old")
+    (out_dir / "model-00001-of-00002.safetensors").write_text("an older, sharded import")
     from_gguf(gguf_file, out_dir, overwrite=True)
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -251,6 +257,17 @@ def test_missing_gguf_file_is_a_user_error(tmp_path):
         from_gguf(tmp_path / "missing.gguf", tmp_path / "out")
 
 
+def test_a_gguf_without_a_model_in_it_is_a_user_error(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "vocabulary-only.gguf", "llama")
+    writer.add_token_list(["a", "b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="no token_embd.weight tensor; not a model file"):
+        from_gguf(tmp_path / "vocabulary-only.gguf", tmp_path / "out")
+
+
 def test_unknown_architecture_is_a_user_error(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
     writer.write_header_to_file()
@@ -260,3 +277,53 @@ def test_unknown_architecture_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="architecture 'mamba' is not supported"):
         from_gguf(tmp_path / "mamba.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _hostile_files(smollm2_gguf: Path) -> dict[str, bytes]:
+    head = smollm2_gguf.open("rb").read(5000)
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)  # version 3, no tensors, one metadata entry
+    return {
+        "not GGUF": b"PK\x03\x04 a zip file, not a model\n",
+        "empty": b"",
+        "header only": head[:24],
+        "truncated in the metadata": head,
+        # 49 bytes: one entry, an array of 2^40 uint8 items, none of them present
+        "huge array count": header + struct.pack("<Q", 5) + b"a.key" + struct.pack("<IIQ", 9, 0, 2**40),
+        "huge string length": header + struct.pack("<Q", 2**62),
+        "huge entry count": b"GGUF" + struct.pack("<IQQ", 3, 0, 2**63),
+    }
+
+
+@pytest.fixture(scope="module")
+def truncated_in_the_weights(smollm2_gguf, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "half.gguf"
+    with smollm2_gguf.open("rb") as f:
+        path.write_bytes(f.read(smollm2_gguf.stat().st_size // 2))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["not GGUF", "empty", "header only", "truncated in the metadata", "huge array count",
+                                  "huge string length", "huge entry count"])
+def test_a_hostile_gguf_is_refused_at_once(kind, smollm2_gguf, tmp_path):
+    (tmp_path / "model.gguf").write_bytes(_hostile_files(smollm2_gguf)[kind])
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"model\.gguf: (not a GGUF file|damaged or truncated GGUF file)"):
+        from_gguf(tmp_path / "model.gguf", tmp_path / "out")
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_truncated_in_the_weights_is_refused_before_dequantizing(truncated_in_the_weights, tmp_path):
+    with pytest.raises(UserError, match=r"damaged or truncated GGUF file: the \d+ bytes of tensor 'blk\..*' run past"):
+        from_gguf(truncated_in_the_weights, tmp_path / "out")
+
+
+def test_the_cli_refuses_a_hostile_gguf_in_one_line_with_exit_code_2(smollm2_gguf, tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(_hostile_files(smollm2_gguf)["huge array count"])
+    # the timeout guards against the reader's endless loop on the huge count this check exists to prevent
+    result = subprocess.run([sys.executable, "-m", "litllm", "convert", "from_gguf", str(path),
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr

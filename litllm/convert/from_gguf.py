@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import uuid
+import mmap
+import struct
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from litllm.convert.gguf_pre_tokenizers import BY_NAME
+from litllm.checkpoint import is_model_dir_file
+from litllm.config import FAMILIES
 from litllm.errors import UserError
+from litllm.files import atomic_dir, check_out_dir, refuse_to_overwrite
 
-# GGUF architecture -> Hugging Face (model_type, class). Mistral and most Llama fine-tunes are "llama" in GGUF.
-ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-}
+# GGUF architecture -> Hugging Face model_type. Mistral and most Llama fine-tunes are "llama" in GGUF.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 # tensor names: GGUF "blk.N.<key>" -> Hugging Face "model.layers.N.<value>"
 BLOCK_TENSORS = {
@@ -45,43 +45,6 @@ BLOCK_TENSORS = {
 }
 MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-# How text is cut into words before BPE, by `tokenizer.ggml.pre`. llama.cpp names the regex its vocabulary
-# was trained with; a name missing here gets GPT-2's, which is what transformers' GGUF loader does too.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
-         "dbrx", "smaug-bpe"],
-        _LLAMA3_SPLIT,
-    ),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
-}
-
-
 def from_gguf(gguf_file: Path, out_dir: Path | None = None, overwrite: bool = False) -> Path:
     """Unpack a llama.cpp GGUF file into a Hugging Face model directory, weights dequantized to float32.
 
@@ -89,63 +52,171 @@ def from_gguf(gguf_file: Path, out_dir: Path | None = None, overwrite: bool = Fa
         gguf_file: The .gguf file to read (Llama, Mistral, Qwen2 or Qwen3 architecture).
         out_dir: The directory to write config.json, model.safetensors and the tokenizer files into
             (default: checkpoints/<file name without .gguf>).
-        overwrite: Replace out_dir if it already exists and is not empty.
+        overwrite: Replace a model dir at out_dir (only a model dir: any other file found there stops the command).
     """
     gguf_file = Path(gguf_file)
     out_dir = Path(out_dir) if out_dir is not None else Path("checkpoints") / gguf_file.stem
     if not gguf_file.is_file():
         raise UserError(f"GGUF file not found: {gguf_file}")
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not empty; pass `--overwrite true` to replace it")
+    check_out_dir(out_dir, inputs=[gguf_file])
+    refuse_to_overwrite(out_dir, overwrite, owned=is_model_dir_file)
 
+    check_gguf_file(gguf_file)
     reader = gguf.GGUFReader(gguf_file)
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     config = hf_config(metadata, tensors, gguf_file)
     tokenizer, tokenizer_config = hf_tokenizer(metadata, gguf_file)
-
-    # Everything is written into a sibling temp dir and renamed into place, so an interrupted run
-    # never leaves a half-written out_dir that looks like a model.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        state_dict = hf_state_dict(tensors, config, gguf_file)
-        save_file(state_dict, staging / "model.safetensors", metadata={"format": "pt"})
-        _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", _generation_config(metadata))
-        tokenizer.save(str(staging / "tokenizer.json"))
-        _write_json(staging / "tokenizer_config.json", tokenizer_config)
-        if out_dir.exists():
-            # move the old one aside first, so out_dir is never missing and never half-deleted
-            replaced = out_dir.rename(out_dir.parent / f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
-            staging.rename(out_dir)
-            if replaced.is_dir():
-                shutil.rmtree(replaced)
-            else:
-                replaced.unlink()
-        else:
-            staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # written into a temp dir and renamed into place: an interrupted run never leaves half a model dir
+    with atomic_dir(out_dir) as tmp:
+        save_file(hf_state_dict(tensors, config, gguf_file), tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", _generation_config(metadata))
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
     return out_dir
+
+
+# GGUF metadata values: how many bytes a scalar takes, by value type
+_SCALAR_SIZES = {
+    gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+    gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2,
+    gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4,
+    gguf.GGUFValueType.UINT64: 8, gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8,
+}
+# the fewest bytes a metadata value of each type can take: a string or an array is at least its length field(s)
+_MIN_SIZES = {**_SCALAR_SIZES, gguf.GGUFValueType.STRING: 8, gguf.GGUFValueType.ARRAY: 4 + 8}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_gguf_file(gguf_file: Path) -> None:
+    """Walk the file's layout and refuse, in one line, anything gguf's reader would crash or loop on.
+
+    gguf's reader trusts every length and count in the file: a truncated file ends in a numpy traceback, and a
+    49-byte file that declares 2^40 array items makes it loop for hours. Here every length is checked against what
+    is left of the file before anything is read by it, and every tensor's data must lie inside the file.
+    """
+    size = gguf_file.stat().st_size
+    with gguf_file.open("rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise UserError(f"{gguf_file}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _check_gguf_layout(data, gguf_file)
+
+
+def _check_gguf_layout(data: mmap.mmap, gguf_file: Path) -> None:
+    size, offset = len(data), 4  # after the magic
+
+    def damaged(what: str) -> UserError:
+        return UserError(f"{gguf_file}: damaged or truncated GGUF file: {what} (at byte {offset} of {size})")
+
+    def take(n_bytes: int, what: str) -> bytes:
+        nonlocal offset
+        if n_bytes > size - offset:
+            raise damaged(f"{what} needs {n_bytes} bytes, only {size - offset} are left")
+        offset += n_bytes
+        return data[offset - n_bytes:offset]
+
+    def number(fmt: str, what: str) -> int:
+        return struct.unpack("<" + fmt, take(struct.calcsize(fmt), what))[0]
+
+    def string(what: str) -> str:
+        try:
+            return take(number("Q", f"the length of {what}"), what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise damaged(f"{what} is not UTF-8 text") from None
+
+    def count(what: str, min_item_size: int) -> int:
+        n = number("Q", f"the count of {what}")
+        if n * min_item_size > size - offset:
+            raise damaged(f"{n} {what} cannot fit in the {size - offset} bytes left")
+        return n
+
+    def skip_value(value_type: int, what: str) -> None:
+        if value_type in _SCALAR_SIZES:
+            take(_SCALAR_SIZES[value_type], what)
+        elif value_type == gguf.GGUFValueType.STRING:
+            string(what)
+        elif value_type == gguf.GGUFValueType.ARRAY:
+            item_type = number("I", f"the item type of {what}")
+            if item_type not in _MIN_SIZES:
+                raise damaged(f"{what} has items of unknown type {item_type}")
+            n_items = count(f"items of {what}", _MIN_SIZES[item_type])
+            if item_type in _SCALAR_SIZES:
+                take(n_items * _SCALAR_SIZES[item_type], what)
+            else:
+                for _ in range(n_items):
+                    skip_value(item_type, what)
+        else:
+            raise damaged(f"{what} has unknown value type {value_type}")
+
+    version = number("I", "the version")
+    if version not in (2, 3):
+        raise UserError(f"{gguf_file}: GGUF version {version} is not supported (supported: 2, 3)")
+    n_tensors = number("Q", "the tensor count")
+    n_entries = count("metadata entries", 8 + 4)  # each at least a key length and a value type
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    keys = set()
+    for _ in range(n_entries):
+        key = string("a metadata key")
+        if key in keys:
+            raise damaged(f"metadata key {key!r} appears twice")
+        keys.add(key)
+        value_type = number("I", f"the type of {key}")
+        if key == "general.alignment":
+            alignment = number("I", key) if value_type == gguf.GGUFValueType.UINT32 else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise damaged("general.alignment is not a power of two stored as a uint32")
+        else:
+            skip_value(value_type, key)
+    if n_tensors * (8 + 4 + 4 + 8) > size - offset:  # each at least a name length, dimension count, type, offset
+        raise damaged(f"{n_tensors} tensor descriptions cannot fit in the {size - offset} bytes left")
+    known_types = {qtype.value for qtype in gguf.GGML_QUANT_SIZES}
+    tensor_bytes = {}
+    for _ in range(n_tensors):
+        name = string("a tensor name")
+        n_dims = number("I", f"the dimension count of {name}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise damaged(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+        shape = [number("Q", f"the shape of {name}") for _ in range(n_dims)]
+        type_id = number("I", f"the type of {name}")
+        if type_id not in known_types:
+            raise damaged(f"tensor {name!r} has unknown type {type_id}")
+        block_size, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+        if shape[0] % block_size:
+            raise damaged(f"tensor {name!r} has rows of {shape[0]} values, not whole blocks of {block_size}")
+        if name in tensor_bytes:
+            raise damaged(f"tensor {name!r} appears twice")
+        tensor_bytes[name] = (number("Q", f"the data offset of {name}"), math.prod(shape) // block_size * block_bytes)
+    data_start = -(-offset // alignment) * alignment  # the tensor data begins at the next multiple of alignment
+    for name, (start, n_bytes) in tensor_bytes.items():
+        if data_start + start + n_bytes > size:
+            offset = data_start + start
+            raise damaged(f"the {n_bytes} bytes of tensor {name!r} run past the end of the file")
 
 
 def hf_config(metadata: dict, tensors: dict[str, gguf.ReaderTensor], gguf_file: Path) -> dict:
     """The config.json of the model this GGUF holds, from llama.cpp's `<arch>.*` metadata keys."""
-    arch = metadata["general.architecture"]
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"{gguf_file}: no general.architecture; not a model file")
     if arch not in ARCHITECTURES:
         raise UserError(
             f"{gguf_file}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
-    model_type, hf_class = ARCHITECTURES[arch]
+    model_type = ARCHITECTURES[arch]
 
     def key(name: str, default=None):
         value = metadata.get(f"{arch}.{name}", default)
         if value is None:
             raise UserError(f"{gguf_file}: metadata key '{arch}.{name}' is missing; the file looks truncated")
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{gguf_file}: metadata key '{arch}.{name}' is {value!r}, not a number")
         return value
 
+    if "token_embd.weight" not in tensors:  # a LoRA adapter or a vocabulary-only file
+        raise UserError(f"{gguf_file}: it has no token_embd.weight tensor; not a model file")
     hidden_size, n_heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", hidden_size // n_heads)
     if key("rope.dimension_count", head_dim) != head_dim:
@@ -156,7 +227,7 @@ def hf_config(metadata: dict, tensors: dict[str, gguf.ReaderTensor], gguf_file: 
         rope_factors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type)
 
     return {
-        "architectures": [hf_class],
+        "architectures": [FAMILIES[model_type]],
         "model_type": model_type,
         "hidden_size": hidden_size,
         "intermediate_size": key("feed_forward_length"),
@@ -282,11 +353,13 @@ def hf_tokenizer(metadata: dict, gguf_file: Path) -> tuple[Tokenizer, dict]:
     and special tokens, so both encode every text to the same ids.
     """
     kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata["tokenizer.ggml.tokens"]
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise UserError(f"{gguf_file}: no vocabulary (tokenizer.ggml.tokens); litllm imports models with a tokenizer")
     token_types = metadata.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
     merges = metadata.get("tokenizer.ggml.merges")
     if kind == "gpt2":
-        tokenizer = _byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"))
+        tokenizer = _byte_level_bpe(tokens, merges, metadata.get("tokenizer.ggml.pre"), gguf_file)
         # every token of a byte-level vocabulary is spelled in the 256-character byte alphabet; a "control"
         # token that is not is a llama.cpp labeling mistake, and adding it would grow the vocabulary
         spelling = set(pre_tokenizers.ByteLevel.alphabet())
@@ -341,8 +414,15 @@ def hf_tokenizer(metadata: dict, gguf_file: Path) -> tuple[Tokenizer, dict]:
     return tokenizer, tokenizer_config
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Tokenizer:
-    """GPT-2 style BPE over UTF-8 bytes, each byte spelled as one printable character (space is "Ġ")."""
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre_name: str | None, gguf_file: Path) -> Tokenizer:
+    """GPT-2 style BPE over UTF-8 bytes, each byte spelled as one printable character (space is "Ġ"), cutting text
+    into words as llama.cpp does for `pre_name`."""
+    # A file without a name, and the "gpt2" litllm wrote before it used llama.cpp's names, cut like GPT-2, as
+    # transformers' GGUF loader reads them.
+    pre = BY_NAME.get("gpt-2" if pre_name in (None, "gpt2") else pre_name)
+    if pre is None:
+        raise UserError(f"{gguf_file}: pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) is not one litllm can rebuild, "
+                        f"so it would tokenize text unlike llama.cpp (it rebuilds: {', '.join(sorted(BY_NAME))})")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     # A few files store a token as its plain text ("\n\n") rather than in the byte alphabet ("ĊĊ").
@@ -358,18 +438,10 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> To
             continuing_subword_prefix="",
             end_of_word_suffix="",
             fuse_unk=False,
+            ignore_merges=pre.ignore_merges,
         )
     )
-    split = PRE_TOKENIZER_SPLITS.get(pre)
-    if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    tokenizer.pre_tokenizer = pre.build()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

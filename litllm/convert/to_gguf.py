@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
+import sentencepiece
+import tokenizers
 import torch
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, litllm_to_hf, load_model
 from litllm.config import Config
-from litllm.convert.from_gguf import BLOCK_TENSORS, MODEL_TENSORS, PRE_TOKENIZER_SPLITS
+from litllm.convert.from_gguf import BLOCK_TENSORS, MODEL_TENSORS
+from litllm.convert.gguf_pre_tokenizers import PRE_TOKENIZERS, PROBE, matching
 from litllm.convert.merge_lora import merged_model
 from litllm.errors import UserError
 from litllm.files import refuse_to_overwrite
@@ -53,10 +58,12 @@ def to_gguf(checkpoint: Path, out_file: Path | None = None, dtype: str = "f16", 
     if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         raise UserError(f"{model_dir}: model_type {config.model_type!r} cannot be exported to GGUF")
     arch = "llama" if config.model_type in ("llama", "mistral") else config.model_type
+    _refuse_what_llama_cpp_runs_differently(config, arch, model_dir)
     if config.sliding_window is not None and config.sliding_window < config.max_seq_len:
         print(f"Note: llama.cpp's {arch} architecture has no sliding-window attention; the GGUF model attends to "
               f"all previous tokens, which equals this model's for prompts up to {config.sliding_window} tokens")
-    tokenizer_dir = checkpoint if (checkpoint / "tokenizer.json").is_file() else model_dir
+    has_tokenizer = (checkpoint / "tokenizer.json").is_file() or (checkpoint / "tokenizer.model").is_file()
+    tokenizer_dir = checkpoint if has_tokenizer else model_dir
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     staging = out_file.with_name(f".{out_file.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -76,6 +83,25 @@ def to_gguf(checkpoint: Path, out_file: Path | None = None, dtype: str = "f16", 
         staging.unlink(missing_ok=True)
     print(f"Saved {out_file} ({dtype}, {out_file.stat().st_size / 1e6:.1f} MB)")
     return out_file
+
+
+def _refuse_what_llama_cpp_runs_differently(config: Config, arch: str, model_dir: Path) -> None:
+    """Stop before writing a model llama.cpp would refuse to load, or would run with other numbers than litllm."""
+    if arch == "qwen2" and config.n_heads * config.head_dim != config.hidden_size:
+        raise UserError(f"{model_dir}: llama.cpp's qwen2 needs num_attention_heads * head_dim == hidden_size "
+                        f"({config.n_heads} * {config.head_dim} != {config.hidden_size})")
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "llama3" and arch != "llama":
+        raise UserError(f"{model_dir}: llama.cpp reads Llama 3 RoPE scaling (the rope_freqs tensor) only for the llama "
+                        f"architecture, not {arch}")
+    # llama.cpp's YaRN takes beta_fast 32, beta_slow 1 and the attention factor 0.1 ln(factor) + 1, as transformers does
+    # by default; other values would need keys litllm does not write
+    unwritten = {key: value for key, value in scaling.items()
+                 if key not in ("rope_type", "factor", "original_max_position_embeddings")
+                 and (key, value) not in (("beta_fast", 32), ("beta_slow", 1))}
+    if scaling["rope_type"] == "yarn" and unwritten:
+        raise UserError(f"{model_dir}: YaRN RoPE with {unwritten} cannot be exported to GGUF (supported: factor and "
+                        "original_max_position_embeddings, with beta_fast 32 and beta_slow 1)")
 
 
 def _add_model_metadata(writer: gguf.GGUFWriter, config: Config, file_type: gguf.LlamaFileType) -> None:
@@ -104,59 +130,48 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: Config, file_type: gguf
     # llama3 scaling is written as the `rope_freqs` tensor (see _gguf_tensors)
 
 
-# pre-tokenizers of tokenizer.json -> llama.cpp's name for them (`tokenizer.ggml.pre`), which picks its split regex
-_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
-_DIGITS = {"type": "Digits", "individual_digits": True}
+def llama_cpp_pre_tokenizer(tokenizer_file: Path) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the way this tokenizer.json cuts text into words.
 
-
-def _gguf_pre_tokenizer(pre_tokenizer: dict | None, tokenizer_file: Path) -> str:
-    def same(step: dict, expected: dict) -> bool:
-        return all(step.get(key) == value for key, value in expected.items())
-
-    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
-    if len(steps) == 1 and same(steps[0], _GPT2_BYTE_LEVEL):
-        return "gpt2"
-    if len(steps) == 2 and same(steps[0], _DIGITS) and same(steps[1], _GPT2_BYTE_LEVEL):
-        return "smollm"  # SmolLM: digits one by one, then GPT-2's regex
-    if len(steps) == 2 and steps[0].get("type") == "Split" and same(steps[1], {"type": "ByteLevel", "use_regex": False}):
-        regex = steps[0].get("pattern", {}).get("Regex")
-        for name in ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o"):
-            if regex == PRE_TOKENIZER_SPLITS[name]:
-                return name
-    raise UserError(f"{tokenizer_file}: its pre-tokenizer has no llama.cpp counterpart litllm knows "
-                    "(known: GPT-2, SmolLM, Llama 3, Qwen2, Qwen3.5, Tekken, GPT-4o splits)")
+    Found by what the tokenizer does, not by how its file spells it (see gguf_pre_tokenizers): its normalizer and
+    pre-tokenizer must cut a probe text exactly like one of llama.cpp's, with the same rule for whole-word tokens.
+    """
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    ignore_merges = tokenizer.model.ignore_merges
+    candidates = matching(tokenizer.pre_tokenizer, tokenizer.normalizer)
+    for pre in candidates:
+        if pre.ignore_merges == ignore_merges:
+            return pre.name
+    if candidates:
+        raise UserError(f"{tokenizer_file}: it cuts words like llama.cpp's {candidates[0].name!r} pre-tokenizer, but "
+                        f"{'ignores' if ignore_merges else 'applies'} BPE merges for words that are whole tokens, "
+                        "which llama.cpp does not do with that pre-tokenizer; it would tokenize some words differently")
+    if tokenizer.normalizer is not None and tokenizer.normalizer.normalize_str(PROBE) != PROBE:
+        raise UserError(f"{tokenizer_file}: its normalizer rewrites text before tokenizing, which llama.cpp does not "
+                        "do for a byte-level BPE vocabulary; it would tokenize text differently")
+    raise UserError(f"{tokenizer_file}: its pre-tokenizer cuts text into words unlike every pre-tokenizer llama.cpp "
+                    f"knows that litllm can name ({', '.join(pre.name for pre in PRE_TOKENIZERS)}); llama.cpp would "
+                    "tokenize text differently")
 
 
 def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path, n_embeddings: int) -> None:
-    """The vocabulary as llama.cpp stores a byte-level BPE ("gpt2") tokenizer: tokens by id, their types,
-    the merges, special ids, whether BOS is added, and the chat template."""
-    tokenizer_file = tokenizer_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise UserError(f"{tokenizer_dir}: GGUF export needs a tokenizer.json (sentencepiece-only tokenizers are "
-                        "not supported yet)")
-    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    if spec["model"]["type"] != "BPE" or spec["model"].get("byte_fallback"):
-        raise UserError(f"{tokenizer_file}: GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM); "
-                        f"this one is {spec['model']['type']}{' with byte fallback' if spec['model'].get('byte_fallback') else ''}")
+    """The vocabulary in one of llama.cpp's two forms (byte-level BPE from tokenizer.json, or sentencepiece's from
+    tokenizer.model), one entry per embedding row, then the special ids, whether BOS/EOS are added, and the chat
+    template."""
     tokenizer = LitTokenizer(tokenizer_dir)
-    id_to_token = {index: token for token, index in spec["model"]["vocab"].items()}
-    token_types = dict.fromkeys(id_to_token, gguf.TokenType.NORMAL)
-    for added in spec.get("added_tokens", []):
-        id_to_token[added["id"]] = added["content"]
-        token_types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    # one entry per embedding row: rows past the tokenizer (padding for speed) get placeholder tokens
-    size = max(n_embeddings, max(id_to_token) + 1)
-    tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(size)]
-    types = [token_types.get(i, gguf.TokenType.UNUSED) for i in range(size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    json_file, sentencepiece_file = tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer.model"
+    spec = json.loads(json_file.read_text(encoding="utf-8")) if json_file.is_file() else None
+    if spec is not None and spec["model"]["type"] == "BPE" and not spec["model"].get("byte_fallback"):
+        unk_id = _add_byte_level_vocabulary(writer, json_file, spec, n_embeddings)
+    elif sentencepiece_file.is_file():
+        unk_id = _add_sentencepiece_vocabulary(writer, sentencepiece_file, tokenizer, n_embeddings)
+    else:
+        kind = "no tokenizer.json" if spec is None else f"a {spec['model']['type']} tokenizer.json"
+        raise UserError(f"{tokenizer_dir}: GGUF export needs a byte-level BPE tokenizer.json (Llama 3, Qwen, SmolLM, "
+                        f"Mistral Tekken) or a sentencepiece tokenizer.model (Llama 2, Mistral v0.1); it has {kind} "
+                        "and no tokenizer.model")
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_gguf_pre_tokenizer(spec.get("pre_tokenizer"), tokenizer_file))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    named = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
-             "unk": tokenizer.token_to_id(spec["model"]["unk_token"]) if spec["model"].get("unk_token") else None}
+    named = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "unk": unk_id}
     for key, token_id in named.items():
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)
@@ -168,6 +183,150 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path, n_embe
     writer.add_add_eos_token(tokenizer.eos_id is not None and with_special[-1:] == [tokenizer.eos_id] != bare[-1:])
     if tokenizer.chat_template is not None:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_byte_level_vocabulary(writer: gguf.GGUFWriter, tokenizer_file: Path, spec: dict,
+                               n_embeddings: int) -> int | None:
+    """llama.cpp's "gpt2" vocabulary: tokens in the byte alphabet by id, their types, the merges, and the name of the
+    pre-tokenizer. Returns the unknown token's id."""
+    id_to_token = {index: token for token, index in spec["model"]["vocab"].items()}
+    token_types = dict.fromkeys(id_to_token, gguf.TokenType.NORMAL)
+    for added in spec.get("added_tokens", []):
+        id_to_token[added["id"]] = added["content"]
+        token_types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    if max(id_to_token) >= n_embeddings:
+        raise UserError(f"{tokenizer_file}: token id {max(id_to_token)} has no embedding row (the model has "
+                        f"{n_embeddings}); llama.cpp needs one row per token")
+    # rows past the tokenizer (padding for speed) get placeholder tokens
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer_file))
+    writer.add_token_list([id_to_token.get(i, f"[PAD{i}]") for i in range(n_embeddings)])
+    writer.add_token_types([token_types.get(i, gguf.TokenType.UNUSED) for i in range(n_embeddings)])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])])
+    unk_token = spec["model"].get("unk_token")
+    return {token: index for index, token in id_to_token.items()}.get(unk_token) if unk_token else None
+
+
+def _add_sentencepiece_vocabulary(writer: gguf.GGUFWriter, model_file: Path, tokenizer: LitTokenizer,
+                                  n_embeddings: int) -> int:
+    """llama.cpp's "llama" vocabulary: sentencepiece's pieces with their scores and types, which llama.cpp merges by
+    score as sentencepiece's BPE does. Returns the unknown piece's id.
+
+    llama.cpp reproduces sentencepiece only for a BPE model with byte pieces and no text normalization, and it gives
+    every text after a special token sentencepiece's leading "▁" (transformers' `legacy: true`); anything else is
+    refused, as it would tokenize differently."""
+    model = read_sentencepiece_model(model_file)
+    if model.model_type != _SENTENCEPIECE_BPE:
+        raise UserError(f"{model_file}: a sentencepiece {_SENTENCEPIECE_TYPES.get(model.model_type, 'unknown')} model; "
+                        "llama.cpp's llama vocabulary reproduces sentencepiece's BPE models only")
+    if model.normalization != "identity" or model.remove_extra_whitespaces:
+        raise UserError(f"{model_file}: sentencepiece normalizes text ({model.normalization}"
+                        f"{', removing extra whitespace' if model.remove_extra_whitespaces else ''}) and llama.cpp's "
+                        "llama vocabulary does not; it would tokenize text differently")
+    pieces = [piece for piece, _, _ in model.pieces]
+    if not {f"<0x{byte:02X}>" for byte in range(256)} <= set(pieces):
+        raise UserError(f"{model_file}: llama.cpp spells characters outside the vocabulary in byte pieces "
+                        "(<0x00>..<0xFF>), which this sentencepiece model lacks (trained without byte_fallback)")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    if tokenizer.encode(PROBE, add_special_tokens=False) != processor.encode(PROBE):
+        raise UserError(f"{model_file.parent}: its tokenizer files disagree: tokenizer.json tokenizes text unlike "
+                        "tokenizer.model, which is what a llama vocabulary holds")
+    special_id = next(i for i in (tokenizer.bos_id, tokenizer.eos_id, processor.unk_id()) if i is not None)
+    special = processor.id_to_piece(special_id)
+    if tokenizer.encode(f"a{special}b", add_special_tokens=False) != \
+            processor.encode("a") + [special_id] + processor.encode("b"):
+        raise UserError(f"{model_file.parent}: text after a special token is tokenized without sentencepiece's "
+                        "leading space (tokenizer_config.json `legacy: false`); llama.cpp always adds it, so chat "
+                        "prompts would tokenize differently")
+    if len(pieces) > n_embeddings:
+        raise UserError(f"{model_file}: {len(pieces)} pieces but {n_embeddings} embedding rows; llama.cpp needs one "
+                        "row per token")
+    tokens, scores, types = list(pieces), [score for _, score, _ in model.pieces], [kind for _, _, kind in model.pieces]
+    # Tokens added after the pieces (tokenizer_config.json's added_tokens_decoder); other rows are padding.
+    for token_id in range(len(pieces), n_embeddings):
+        content = tokenizer.decode([token_id])
+        kind = gguf.TokenType.UNUSED if not content else gguf.TokenType.USER_DEFINED
+        if content and not tokenizer.decode([token_id], skip_special_tokens=True):
+            kind = gguf.TokenType.CONTROL
+        tokens.append(content or f"[PAD{token_id}]")
+        scores.append(-1000.0)  # never a merge result: llama.cpp matches added tokens whole, before merging
+        types.append(kind)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(model.add_dummy_prefix)
+    return processor.unk_id()
+
+
+# sentencepiece's TrainerSpec.ModelType
+_SENTENCEPIECE_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}
+_SENTENCEPIECE_BPE = 2
+
+
+@dataclass
+class SentencePieceModel:
+    """The fields of a tokenizer.model that a llama vocabulary needs (sentencepiece's Python API exposes neither the
+    model type nor user-defined piece types)."""
+
+    pieces: list[tuple[str, float, int]]  # piece, score, type (sentencepiece numbers types as GGUF does)
+    model_type: int = 1
+    normalization: str = "nmt_nfkc"
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+
+
+def read_sentencepiece_model(path: Path) -> SentencePieceModel:
+    """Read sentencepiece's ModelProto (sentencepiece_model.proto) from its protobuf encoding; defaults are the
+    proto's."""
+    try:
+        fields = list(_protobuf_fields(path.read_bytes()))
+        model = SentencePieceModel(pieces=[])
+        for number, value in fields:
+            if number == 1:  # SentencePiece: piece, score, type
+                piece = dict(_protobuf_fields(value))
+                model.pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece.get(2, bytes(4)))[0],
+                                     piece.get(3, gguf.TokenType.NORMAL)))
+            elif number == 2:  # TrainerSpec
+                model.model_type = dict(_protobuf_fields(value)).get(3, model.model_type)
+            elif number == 3:  # NormalizerSpec
+                spec = dict(_protobuf_fields(value))
+                model.normalization = spec[1].decode("utf-8") if 1 in spec else model.normalization
+                model.add_dummy_prefix = bool(spec.get(3, model.add_dummy_prefix))
+                model.remove_extra_whitespaces = bool(spec.get(4, model.remove_extra_whitespaces))
+                if spec.get(2):  # a precompiled character map normalizes whatever the rule is called
+                    model.normalization += " with a precompiled character map"
+    except (IndexError, KeyError, UnicodeDecodeError, struct.error):
+        raise UserError(f"{path}: not a sentencepiece model") from None
+    return model
+
+
+def _protobuf_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field of one protobuf message: varints as ints, everything else as bytes."""
+    offset = 0
+
+    def varint() -> int:
+        nonlocal offset
+        value = shift = 0
+        while True:
+            byte = data[offset]
+            offset += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while offset < len(data):
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            yield number, varint()
+            continue
+        size = {1: 8, 5: 4}.get(wire_type) if wire_type != 2 else varint()
+        if size is None or offset + size > len(data):
+            raise IndexError(f"protobuf wire type {wire_type} at byte {offset}")
+        yield number, data[offset:offset + size]
+        offset += size
 
 
 def _gguf_tensors(model: GPT, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
