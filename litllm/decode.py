@@ -35,7 +35,9 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). temperature 0 is greedy (argmax)."""
-    if temperature == 0.0:
+    # below 1e-5 (vLLM's cut too) greedy is what sampling would give; dividing by a tinier temperature
+    # overflows the logits to inf, and the softmax of inf is NaN, which multinomial refuses
+    if temperature < 1e-5:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -170,5 +172,16 @@ class TextStream:
 
 
 def _partial_stop_length(text: str, stop: list[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string."""
-    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    """Length of the longest end of `text` that is the beginning of a stop string.
+
+    Only the ends that start with a stop string's first character are compared, so a server checking every
+    row at every token pays about the stop strings' length, not its square."""
+    longest = 0
+    for s in stop:
+        tail = text[-(len(s) - 1):] if len(s) > 1 else ""
+        start = tail.find(s[0])
+        while start >= 0 and not s.startswith(tail[start:]):
+            start = tail.find(s[0], start + 1)
+        if start >= 0:
+            longest = max(longest, len(tail) - start)
+    return longest

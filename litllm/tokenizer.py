@@ -179,8 +179,9 @@ class _TokenizersBackend:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         # BOS/EOS come from the file's post-processor alone: with a tokenizer.json, transformers 5 drops
-        # add_bos_token/add_eos_token from tokenizer_config.json.
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # add_bos_token/add_eos_token from tokenizer_config.json. encode_batch, unlike encode, lets go of the GIL
+        # while it works: a server tokenizing a long prompt in a thread goes on answering meanwhile.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,5 +1,6 @@
 """`litllm serve` as a real process on a free local port, driven by the official `openai` client and raw HTTP."""
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -24,18 +25,21 @@ CHATS = [
 
 
 class Server:
-    """`litllm serve CKPT --port <free port> ...` in a subprocess, its log in a file (a pipe nobody reads could fill)."""
+    """`litllm serve CKPT --port <free port> ...` in a subprocess, its log in a file (a pipe nobody reads could fill).
 
-    def __init__(self, checkpoint_dir, log_path, *args: str) -> None:
+    `env` adds environment variables; `headers` go with every request (an API key)."""
+
+    def __init__(self, checkpoint_dir, log_path, *args: str, env: dict | None = None, headers: dict | None = None):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.headers = headers or {}
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "litllm", "serve", str(checkpoint_dir), "--port", str(self.port), *args],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 120
         while not self.healthy():
             assert self.process.poll() is None, f"the server died:\n{self.log()}"
@@ -54,7 +58,7 @@ class Server:
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
         """(status, body bytes) of one raw HTTP request."""
         request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": "application/json", **(headers or {})})
+                                         headers={"Content-Type": "application/json", **self.headers, **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, response.read()
@@ -237,14 +241,17 @@ def test_bad_requests_get_4xx_with_an_openai_error_and_the_server_keeps_answerin
 
 
 def test_requests_without_the_api_key_get_401(tiny_chat_model_dir, tmp_path):
-    server = Server(tiny_chat_model_dir, tmp_path / "server.log", "--api_key", "s3cret")
+    # the key from the environment, where `ps` does not show it (--api_key_file: see test_serve_limits.py)
+    server = Server(tiny_chat_model_dir, tmp_path / "server.log", env={"LITLLM_API_KEY": "s3cret"})
     try:
         name = tiny_chat_model_dir.name
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             status, body = server.post("/v1/chat/completions", {"model": name, "messages": CHATS[0]}, headers)
             assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
         assert server.post("/v1/chat/completions", b"{not json", {})[0] == 401  # the key is checked first
-        assert server.get("/v1/models")[0] == 401
+        for path in ("/v1/models", "/openapi.json", "/docs"):  # the API's description is behind the key too
+            assert server.get(path)[0] == 401, path
+        assert server.request("GET", "/openapi.json", headers={"Authorization": "Bearer s3cret"})[0] == 200
         assert server.get("/health")[0] == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
