@@ -27,6 +27,9 @@ def column_major_weights(model: GPT) -> None:
         model.embed_tokens.weight = model.lm_head.weight
 
 
+GREEDY_BELOW = 1e-5  # vLLM's cut too: below it, greedy is what sampling would give
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -35,9 +38,9 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). temperature 0 is greedy (argmax)."""
-    # below 1e-5 (vLLM's cut too) greedy is what sampling would give; dividing by a tinier temperature
-    # overflows the logits to inf, and the softmax of inf is NaN, which multinomial refuses
-    if temperature < 1e-5:
+    # dividing by a tinier temperature overflows the logits to inf, and the softmax of inf is NaN, which
+    # multinomial refuses
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -69,7 +72,7 @@ def generate_tokens(
 
     `decode_step` runs the one-token steps instead of `model` (LLM passes its torch.compile'd model).
     """
-    temperature = check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     if not prompt_ids:
         raise UserError("the prompt is empty (no tokens): give some text to continue")
     max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
@@ -94,18 +97,14 @@ def generate_tokens(
         model.clear_kv_cache()
 
 
-GREEDY_BELOW = 1e-5  # a temperature this small picks the most likely token anyway; dividing by it would overflow
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float) -> float:
-    """The temperature to sample with (0, greedy, below GREEDY_BELOW); out-of-range settings are user errors."""
+def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
+    """Sampling settings out of range are user errors (a temperature below GREEDY_BELOW decodes greedily)."""
     if not temperature >= 0:
         raise UserError(f"temperature must be 0 (greedy) or above, got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be at least 1 (or unset), got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    return 0.0 if temperature < GREEDY_BELOW else temperature
 
 
 def check_length(prompt_len: int, max_new_tokens: int, context: int) -> int:
