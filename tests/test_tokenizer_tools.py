@@ -154,11 +154,11 @@ def test_extend_appends_after_padded_embedding_rows_and_grows_an_untied_lm_head(
     corpus.write_text("\n".join(lines_of(KOREAN_CORPUS, 1000)) + "\n", encoding="utf-8")
     out_dir = tmp_path / "extended"
     out_dir.mkdir()
-    (out_dir / "stale.txt").write_text("from an earlier run")
+    (out_dir / "model-00001-of-00002.safetensors").write_text("from an earlier run")
 
     extend(base_dir, corpus=corpus, num_new_tokens=num_new_tokens, out_dir=out_dir, overwrite=True)
 
-    assert not (out_dir / "stale.txt").exists()
+    assert not (out_dir / "model-00001-of-00002.safetensors").exists()
     reference = hf_tokenizer(out_dir)
     new_ids = sorted(set(reference.get_vocab().values()) - set(hf_tokenizer(base_dir).get_vocab().values()))
     assert new_ids == list(range(padded_vocab_size, padded_vocab_size + num_new_tokens))

@@ -281,7 +281,8 @@ class PreferenceDataset(Dataset):
                 batch[key] = torch.stack([pair[key] for pair in pairs])
         return batch
 
-    def set_reference_logps(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-        """Store each pair's reference log-probs (float32 tensors of shape (len(self),))."""
-        for pair, chosen_logps, rejected_logps in zip(self.pairs, chosen, rejected):
-            pair["reference_chosen_logps"], pair["reference_rejected_logps"] = chosen_logps, rejected_logps
+    def set_reference_logps(self, indices: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Store the reference log-probs of the pairs at `indices` (float32 tensors of shape (len(indices),))."""
+        for index, chosen_logps, rejected_logps in zip(indices, chosen, rejected):
+            self.pairs[index]["reference_chosen_logps"] = chosen_logps
+            self.pairs[index]["reference_rejected_logps"] = rejected_logps

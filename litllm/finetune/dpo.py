@@ -7,7 +7,7 @@ DPO raises the policy's log-probability of each chosen response over the rejecte
 reference model: loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs summed over the response.
 The reference is the model as training starts. With fresh LoRA adapters (the default) that is the base model, so it
 is the same model with its adapters disabled: no second copy in memory. Otherwise (--full true, or --adapter to go on
-from an SFT adapter) each pair's reference log-probs are computed once, in one pass before training.
+from an SFT adapter) the reference log-probs of each pair the run will use are computed once, before training.
 
 setup() builds Fabric, the model, the data and the optimizer; fit() is the training loop and dpo_objective() with
 dpo_loss() the objective, all here to edit. The mechanics they call (loss normalization across micro-batches and
@@ -37,9 +37,10 @@ from litllm.lora import LoRAConfig, apply_lora, count_parameters, disable_adapte
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
-from litllm.training.loop import StepLog, StepUnits, add_to, prepare_data, setup_training, step_batches, validate
+from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated, prepare_data,
+                                  setup_training, step_batches, validate)
 from litllm.training.losses import sequence_logprobs
-from litllm.training.state import Checkpoints, Progress, prepare_out_dir
+from litllm.training.state import Checkpoints, Progress, prepare_out_dir, saved_progress
 
 
 @dataclass
@@ -133,8 +134,12 @@ def setup(
         if full:
             model = merge_lora(model)
     if full or adapter:
-        # the starting model is the reference: score every pair with it once, then no frozen copy is needed
-        add_reference_logps(fabric, model, [train_data, val_data], train)
+        # the starting model is the reference: score with it, once, each pair the run will train or validate on,
+        # so no frozen copy of the model is needed
+        progress = saved_progress(resume_from) if resume_from else Progress()
+        fabric.print("Scoring the pairs this run will use with the reference model (once, before training)")
+        add_reference_logps(fabric, model, train_data, examples_to_come(len(train_data), train, seed, progress), train)
+        add_reference_logps(fabric, model, val_data, examples_validated(len(val_data), train), train)
         if resume_from:  # training goes on from the checkpoint's weights; the reference stays the starting model
             model = load_model(resume_from if full else checkpoint_dir, dtype=model_dtype(fabric),
                                device=fabric.device)
@@ -217,23 +222,24 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 
 @torch.no_grad()
-def add_reference_logps(fabric: L.Fabric, model, datasets: list[PreferenceDataset], args: TrainArgs) -> None:
-    """Score every pair with `model` as it is now and store the log-probs in the datasets, as the DPO reference."""
+def add_reference_logps(fabric: L.Fabric, model, dataset: PreferenceDataset, needed: list[int],
+                        args: TrainArgs) -> None:
+    """Score the pairs at `needed` with `model` as it is now and store their log-probs in the dataset, as the DPO
+    reference.
+
+    Pairs go through in fixed micro-batches (0 to m - 1, m to 2m - 1, ...), whichever of them a run needs, so a
+    resumed run computes bit for bit the reference the uninterrupted one did.
+    """
     model.eval()
-    fabric.print(f"Scoring {sum(len(d) for d in datasets)} pairs with the reference model (once, before training)")
-    for dataset in datasets:
-        scores = []
-        batch_starts = range(0, len(dataset), args.micro_batch_size)
-        for start in tqdm(batch_starts, desc="Reference log-probs", disable=not sys.stderr.isatty()
-                          or fabric.global_rank > 0 or len(batch_starts) < 10):
-            batch = dataset.collate([dataset[i] for i in range(start, min(start + args.micro_batch_size,
-                                                                            len(dataset)))])
-            batch = {key: fabric.to_device(value) for key, value in batch.items()}
-            with fabric.autocast():
-                scores.append(torch.stack(sequence_logprobs(model, batch, args.loss_chunk_size).chunk(2)).cpu())
-        if scores:
-            chosen, rejected = torch.cat(scores, dim=1)  # (2, pairs)
-            dataset.set_reference_logps(chosen, rejected)
+    size = args.micro_batch_size
+    starts = sorted({i // size * size for i in needed})
+    batches = [list(range(start, min(start + size, len(dataset)))) for start in starts]
+    for indices in tqdm(batches, desc="Reference log-probs", disable=not sys.stderr.isatty()
+                        or fabric.global_rank > 0 or len(batches) < 10):
+        batch = fabric.to_device(dataset.collate([dataset[i] for i in indices]))
+        with fabric.autocast():
+            chosen, rejected = sequence_logprobs(model, batch, args.loss_chunk_size).cpu().chunk(2)
+        dataset.set_reference_logps(indices, chosen, rejected)
 
 
 def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,

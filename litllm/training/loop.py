@@ -5,6 +5,7 @@ A task script owns its loop and objective (see litllm/finetune/lora.py) and call
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import sys
@@ -86,9 +87,8 @@ def step_batches(dataset: TrainingDataset, args: TrainArgs, seed: int, progress:
                  fabric: L.Fabric) -> Iterator[list[dict[str, torch.Tensor]]]:
     """For each optimizer step, this device's micro-batches; advances `progress` by one global batch.
 
-    The order is a shuffle fixed by (seed, epoch). Each step takes the next global_batch_size examples
-    (running on into the next epoch's order at the end of one); each device gets its contiguous share,
-    cut into micro-batches. So N devices see exactly the examples one device would, split N ways.
+    Each device gets its contiguous share of the step's examples (see step_indices), cut into micro-batches. So N
+    devices see exactly the examples one device would, split N ways.
     """
     rank, world_size = fabric.global_rank, fabric.world_size
     per_device = args.global_batch_size // world_size
@@ -97,21 +97,48 @@ def step_batches(dataset: TrainingDataset, args: TrainArgs, seed: int, progress:
             f"--train.global_batch_size {args.global_batch_size} must be a multiple of "
             f"--train.micro_batch_size {args.micro_batch_size} x {world_size} device(s)"
         )
+    for indices in step_indices(len(dataset), args, seed, progress):
+        mine = indices[rank * per_device:(rank + 1) * per_device]
+        yield [dataset.collate([dataset[i] for i in mine[start:start + args.micro_batch_size]])
+               for start in range(0, per_device, args.micro_batch_size)]
+
+
+def step_indices(n_examples: int, args: TrainArgs, seed: int, progress: Progress) -> Iterator[list[int]]:
+    """The examples of each optimizer step, in order; advances `progress` by one global batch per step.
+
+    The order is a shuffle fixed by (seed, epoch). Each step takes the next global_batch_size examples, running on
+    into the next epoch's order at the end of one.
+    """
     order, order_epoch = None, None
     while True:
         indices: list[int] = []
         while len(indices) < args.global_batch_size:
             if order_epoch != progress.epoch:
-                order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + progress.epoch))
+                order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + progress.epoch))
                 order_epoch = progress.epoch
             taken = order[progress.position:progress.position + args.global_batch_size - len(indices)].tolist()
             indices += taken
             progress.position += len(taken)
             if progress.position >= len(order):
                 progress.epoch, progress.position = progress.epoch + 1, 0
-        mine = indices[rank * per_device:(rank + 1) * per_device]
-        yield [dataset.collate([dataset[i] for i in mine[start:start + args.micro_batch_size]])
-               for start in range(0, per_device, args.micro_batch_size)]
+        yield indices
+
+
+def examples_to_come(n_examples: int, args: TrainArgs, seed: int, progress: Progress) -> list[int]:
+    """The examples the steps from `progress` to the last one will train on (e.g. to score each once beforehand)."""
+    used: set[int] = set()
+    steps = step_indices(n_examples, args, seed, dataclasses.replace(progress))
+    for _ in range(progress.step, args.total_steps(n_examples)):
+        used.update(next(steps))
+        if len(used) == n_examples:
+            break
+    return sorted(used)
+
+
+def examples_validated(n_examples: int, args: TrainArgs) -> list[int]:
+    """The validation examples `validate` scores (at most --train.eval_max_batches micro-batches)."""
+    limit = n_examples if args.eval_max_batches is None else args.eval_max_batches * args.micro_batch_size
+    return list(range(min(n_examples, limit)))
 
 
 class StepUnits:
@@ -154,9 +181,9 @@ def validate(fabric: L.Fabric, model: nn.Module, val_data: TrainingDataset, args
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     units = 0
-    batch_starts = range(0, len(val_data), args.micro_batch_size)
-    for i in batch_starts[:args.eval_max_batches]:
-        batch = val_data.collate([val_data[j] for j in range(i, min(i + args.micro_batch_size, len(val_data)))])
+    validated = examples_validated(len(val_data), args)
+    for start in range(0, len(validated), args.micro_batch_size):
+        batch = val_data.collate([val_data[j] for j in validated[start:start + args.micro_batch_size]])
         batch = fabric.to_device(batch)
         with fabric.autocast():
             loss, metrics = objective(model, batch)

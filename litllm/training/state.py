@@ -210,6 +210,12 @@ def gather_rng_states(fabric: L.Fabric) -> list[dict[str, torch.Tensor | None]]:
     return states
 
 
+def saved_progress(directory: Path) -> Progress:
+    """Where the checkpoint in `directory` stopped, read without loading its optimizer state into memory."""
+    state = torch.load(directory / STATE_FILE, weights_only=True, mmap=True)
+    return Progress(step=state["step"], epoch=state["epoch"], position=state["position"])
+
+
 def load_training_state(fabric: L.Fabric, directory: Path, model, optimizer, scheduler) -> Progress:
     """Restore what Checkpoints.save wrote (a run resumed on other device counts reuses the saved random states in
     turn: its dropout masks differ from the uninterrupted run's)."""
