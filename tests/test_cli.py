@@ -53,20 +53,25 @@ def test_unknown_key_in_a_config_file_names_the_valid_ones(tmp_path):
     assert_one_line_user_error(litllm("generate", tmp_path, "--config", config), "temprature", "--temperature")
 
 
-def test_print_config_round_trips_through_config(smollm2_dir, tmp_path):
-    printed = litllm("generate", smollm2_dir, "--prompt", "The capital of France is", "--max_new_tokens", "6",
-                     "--print_config")
-    assert printed.returncode == 0 and "max_new_tokens: 6" in printed.stdout
-    (tmp_path / "generate.yaml").write_text(printed.stdout)
-    from_config = litllm("generate", "--config", tmp_path / "generate.yaml")
-    direct = litllm("generate", smollm2_dir, "--prompt", "The capital of France is", "--max_new_tokens", "6")
-    assert from_config.returncode == direct.returncode == 0, from_config.stderr
-    assert from_config.stdout == direct.stdout and "Paris" in direct.stdout
+def test_print_config_round_trips_through_config(tiny_chat_model_dir, tmp_path, capsys):
+    from litllm.commands import main
+
+    args = ["generate", str(tiny_chat_model_dir), "--prompt", "The capital of France is", "--max_new_tokens", "6"]
+    with pytest.raises(SystemExit) as printed:
+        main([*args, "--print_config"])
+    assert not printed.value.code
+    config = capsys.readouterr().out
+    assert "max_new_tokens: 6" in config
+    (tmp_path / "generate.yaml").write_text(config)
+    main(["generate", "--config", str(tmp_path / "generate.yaml")])
+    from_config = capsys.readouterr().out
+    main(args)
+    assert from_config == capsys.readouterr().out and from_config.strip()
 
 
-def test_prompt_longer_than_the_context(smollm2_dir, tmp_path):
+def test_prompt_longer_than_the_context(tiny_chat_model_dir, tmp_path):
     small = tmp_path / "small-context"
-    shutil.copytree(smollm2_dir, small)
+    shutil.copytree(tiny_chat_model_dir, small)
     config = json.loads((small / "config.json").read_text())
     config["max_position_embeddings"] = 16
     (small / "config.json").write_text(json.dumps(config))

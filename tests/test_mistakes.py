@@ -75,6 +75,9 @@ MISTAKES = {
     "log_interval 0": (["finetune", "lora", "{tiny}", "--train.log_interval", "0"], "--train.log_interval must be"),
     "micro_batch_size 0": (["finetune", "lora", "{tiny}", "--train.micro_batch_size", "0"], "micro_batch_size"),
     "lr 0": (["finetune", "lora", "{tiny}", "--train.lr", "0"], "--train.lr must be above 0"),
+    "unknown key": (["finetune", "lora", "{tiny}", "--lora.rank", "4"], "--lora.r"),
+    "qlora fsdp": (["finetune", "lora", "{tiny}", "--quantize", "bnb.nf4", "--devices", "2", "--strategy", "fsdp",
+                    "--out_dir", "{tmp}/qlora"], "--quantize bnb.nf4 does not work with --strategy fsdp"),
     "out_dir a file": (["finetune", "lora", "{tiny}", "--data", "JSON", "--data.json_path", DATA / "alpaca_demo.json",
                         "--out_dir", DATA / "alpaca_demo.json"], "is a file, not a directory"),
 }
@@ -90,6 +93,15 @@ def test_mistake_is_one_line_with_exit_2(mistake, tiny_chat_model_dir, broken_ch
         monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))
     error = one_line_error([str(arg).format(**places) for arg in args], capsys)
     assert expected in error
+    assert not (tmp_path / "qlora").exists()  # refused before anything started
+
+
+def test_a_bad_data_row_is_named_by_file_and_line(tiny_chat_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    error = one_line_error(["finetune", "lora", tiny_chat_model_dir, "--data", "JSON", "--data.json_path", bad,
+                            "--out_dir", tmp_path / "out"], capsys)
+    assert f"{bad}:2: missing key 'output'" in error
 
 
 @pytest.mark.parametrize("out_dir", ["checkpoint", ".", "home"])
