@@ -65,7 +65,8 @@ LOSS_LINES = {
     "finetune/lora": '    return cross_entropy_sum(model.lm_head, hidden, batch["labels"], chunk_size)\n',
     "finetune/full": '    return cross_entropy_sum(model.lm_head, hidden, batch["labels"], chunk_size)\n',
     "pretrain": '    return cross_entropy_sum(model.lm_head, hidden, batch["labels"], chunk_size)\n',
-    "finetune/dpo": "    return losses.sum(), metrics\n",
+    "finetune/dpo": ("    return losses.sum(), reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, "
+                     "policy_rejected)\n"),
 }
 # what each training step logs: the copy adds a metric of its own
 LOGGED_LINE = '        metrics = {**units.mean({"loss": loss_sum}), "lr": scheduler.get_last_lr()[0]}\n'

@@ -15,7 +15,7 @@ from litllm.checkpoint import load_model
 from litllm.data import Preference
 from litllm.errors import UserError
 from litllm.finetune import dpo
-from litllm.finetune.dpo import DPOArgs, dpo_loss, dpo_objective
+from litllm.finetune.dpo import DPOArgs, dpo_loss, dpo_objective, orpo_loss, simpo_loss
 from litllm.lora import LoRAConfig, apply_lora, disable_adapters, save_adapter
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import TrainArgs
@@ -67,8 +67,34 @@ def test_loss_for_fixed_logps_equals_the_papers_formula(loss, label_smoothing):
         assert rejected_rewards[i].item() == pytest.approx(beta * (policy_rejected[i] - reference_rejected[i]).item())
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_simpo_loss_for_fixed_logps_equals_the_papers_formula(label_smoothing):
+    torch.manual_seed(0)
+    chosen, rejected = -3 * torch.rand(2, 16, dtype=torch.float64)  # average log-probs per response token
+    beta, gamma = 2.0, 0.8
+    losses = simpo_loss(chosen, rejected, beta, gamma, label_smoothing)
+    for i in range(16):
+        z = beta * (chosen[i].item() - rejected[i].item()) - gamma  # SimPO eq. 6: a margin gamma on the rewards
+        expected = -(1 - label_smoothing) * math.log(1 / (1 + math.exp(-z))) \
+                   - label_smoothing * math.log(1 / (1 + math.exp(z)))
+        assert losses[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_orpo_loss_for_fixed_logps_equals_the_papers_formula():
+    torch.manual_seed(0)
+    chosen, rejected = -3 * torch.rand(2, 16, dtype=torch.float64)
+    lam = 0.25
+    losses, log_odds = orpo_loss(chosen, rejected, lam)
+    for i in range(16):
+        p_chosen, p_rejected = math.exp(chosen[i].item()), math.exp(rejected[i].item())
+        odds_ratio = (p_chosen / (1 - p_chosen)) / (p_rejected / (1 - p_rejected))  # ORPO eq. 5 and 6
+        expected = -chosen[i].item() - lam * math.log(1 / (1 + 1 / odds_ratio))  # L_SFT + lambda L_OR (eq. 7)
+        assert log_odds[i].item() == pytest.approx(math.log(odds_ratio), rel=1e-9)
+        assert losses[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_bad_dpo_options_are_user_errors():
-    with pytest.raises(UserError, match="label_smoothing applies to --dpo.loss sigmoid only"):
+    with pytest.raises(UserError, match="label_smoothing applies to --dpo.loss sigmoid and simpo only"):
         DPOArgs(loss="ipo", label_smoothing=0.1)
     with pytest.raises(UserError, match="--dpo.beta must be above 0"):
         DPOArgs(beta=0.0)
@@ -276,6 +302,31 @@ def test_dpo_from_an_sft_adapter_uses_it_as_reference_and_resumes_exactly(tiny_c
     assert abs(logged(tmp_path / "run", "rewards/margins")[1]) < 1e-4
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
     assert_resumes_with_the_same_metrics(tiny_chat_model_dir, tmp_path / "run", tmp_path, adapter=tmp_path / "sft")
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_score_no_reference_and_resume_exactly(loss, tiny_chat_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """--full true, where DPO would score every pair with the starting model first: SimPO and ORPO score each
+    micro-batch once, with the policy, and nothing else."""
+    calls = {"objective": 0, "scored": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dpo, "dpo_objective", counted("objective", dpo.dpo_objective))
+    monkeypatch.setattr(dpo, "sequence_logprobs", counted("scored", dpo.sequence_logprobs))
+    args = DPOArgs(loss=loss, beta=2.0 if loss == "simpo" else 0.1)
+    run_dpo(tiny_chat_model_dir, tmp_path / "run", full=True, dpo=args)
+    assert calls["scored"] == calls["objective"] > 0
+    run = tmp_path / "run"
+    if loss == "orpo":  # the chosen response's NLL per token is minus its average log-prob
+        assert logged(run, "nll_loss")[1] == pytest.approx(-logged(run, "logps/chosen")[1], rel=1e-5)
+        assert set(logged(run, "log_odds_ratio")) == set(logged(run, "log_odds_chosen")) == set(logged(run))
+    assert_resumes_with_the_same_metrics(tiny_chat_model_dir, run, tmp_path, full=True, dpo=args)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Direct Preference Optimization (DPO, arXiv 2305.18290): a Lightning Fabric script.
+"""Direct Preference Optimization (DPO, arXiv 2305.18290) and its relatives: a Lightning Fabric script.
 
     litllm finetune dpo checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data Preference --data.json_path pairs.jsonl
     python dpo.py --config dpo.yaml      # after `litllm cp finetune/dpo dpo.py`
@@ -8,6 +8,9 @@ reference model: loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), 
 The reference is the model as training starts. With fresh LoRA adapters (the default) that is the base model, so it
 is the same model with its adapters disabled: no second copy in memory. Otherwise (--full true, or --adapter to go on
 from an SFT adapter) the reference log-probs of each pair the run will use are computed once, before training.
+
+--dpo.loss simpo (SimPO, arXiv 2405.14734) and orpo (ORPO, arXiv 2403.07691) need no reference at all: they compare
+the policy's log-probs of the two responses, each averaged over its tokens, so there is no reference pass of any kind.
 
 setup() builds Fabric, the model, the data and the optimizer; fit() is the training loop and dpo_objective() with
 dpo_loss() the objective, all here to edit. The mechanics they call (loss normalization across micro-batches and
@@ -21,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning_fabric as L
 import torch
@@ -39,8 +42,11 @@ from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated, prepare_data,
                                   setup_training, step_batches, validate)
-from litllm.training.losses import sequence_logprobs
+from litllm.training.losses import count_row_targets, sequence_logprobs
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir, saved_progress
+
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"]
+LOSSES = get_args(PreferenceLoss)
 
 
 @dataclass
@@ -53,23 +59,36 @@ class DPOArgs:
         loss: "sigmoid": DPO's -log sigmoid(beta * h). "ipo": IPO's (h - 1 / (2 beta))^2 (arXiv 2310.12036).
             "hinge": SLiC's max(0, 1 - beta * h) (arXiv 2305.10425). h is the chosen minus the rejected
             log-ratio of policy to reference, each summed over the response tokens.
-        label_smoothing: the assumed probability that a pair's labels are flipped (conservative DPO, sigmoid loss
-            only): loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+            Reference-free, from the policy's average log-prob per response token a_c, a_r:
+            "simpo": -log sigmoid(beta * (a_c - a_r) - gamma); SimPO's authors use beta 2 to 10 and gamma 0.25 to
+            0.5 times beta (TRL's default beta is 0.1, as here). "orpo": -a_c - beta * log sigmoid(log odds(a_c) - log odds(a_r)),
+            with log odds(a) = a - log(1 - e^a): the chosen response's NLL plus beta (the paper's lambda; TRL
+            calls it beta too) times the odds-ratio term.
+        label_smoothing: the assumed probability that a pair's labels are flipped (conservative DPO; sigmoid and
+            simpo losses): loss = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z).
+        gamma: SimPO's target reward margin (TRL's simpo_gamma).
     """
 
     beta: float = 0.1
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss: PreferenceLoss = "sigmoid"
     label_smoothing: float = 0.0
+    gamma: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.loss not in ("sigmoid", "ipo", "hinge"):
-            raise UserError(f"--dpo.loss must be one of sigmoid, ipo, hinge; got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--dpo.loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         if self.beta <= 0:
             raise UserError(f"--dpo.beta must be above 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise UserError(f"--dpo.label_smoothing applies to --dpo.loss sigmoid only, not {self.loss}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise UserError(f"--dpo.label_smoothing applies to --dpo.loss sigmoid and simpo only, not {self.loss}")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in ("simpo", "orpo")
+
+
 
 
 def setup(
@@ -133,16 +152,15 @@ def setup(
         lora = load_adapter(model, adapter, checkpoint_dir)
         if full:
             model = merge_lora(model)
-    if full or adapter:
+    if (full or adapter) and not dpo.reference_free:
         # the starting model is the reference: score with it, once, each pair the run will train or validate on,
         # so no frozen copy of the model is needed
         progress = saved_progress(resume_from) if resume_from else Progress()
         fabric.print("Scoring the pairs this run will use with the reference model (once, before training)")
         add_reference_logps(fabric, model, train_data, examples_to_come(len(train_data), train, seed, progress), train)
         add_reference_logps(fabric, model, val_data, examples_validated(len(val_data), train), train)
-        if resume_from:  # training goes on from the checkpoint's weights; the reference stays the starting model
-            model = load_model(resume_from if full else checkpoint_dir, dtype=model_dtype(fabric),
-                               device=fabric.device)
+    if (full or adapter) and resume_from:  # training goes on from the checkpoint's weights
+        model = load_model(resume_from if full else checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
     if full:
         model.requires_grad_(True)
     elif resume_from:
@@ -171,13 +189,16 @@ def setup(
 
 def dpo_objective(model: nn.Module, batch: dict[str, torch.Tensor], args: DPOArgs, chunk_size: int
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The objective: DPO's loss summed over a batch of pairs (see PreferenceDataset.collate: the chosen sequences,
-    then the rejected ones), and the metrics as TRL names them, summed too.
+    """The objective: the preference loss summed over a batch of pairs (see PreferenceDataset.collate: the chosen
+    sequences, then the rejected ones), and the metrics as TRL names them, summed too.
 
     The reference log-probs come with the batch when they were precomputed; otherwise the reference is the model
-    with its LoRA adapters disabled, scored in the same step.
+    with its LoRA adapters disabled, scored in the same step. SimPO and ORPO have none.
     """
-    policy_chosen, policy_rejected = sequence_logprobs(model, batch, chunk_size).chunk(2)
+    policy = sequence_logprobs(model, batch, chunk_size)
+    if args.reference_free:
+        return reference_free_objective(policy / count_row_targets(batch).clamp(min=1), args)
+    policy_chosen, policy_rejected = policy.chunk(2)
     if "reference_chosen_logps" in batch:
         reference_chosen, reference_rejected = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     else:
@@ -186,15 +207,35 @@ def dpo_objective(model: nn.Module, batch: dict[str, torch.Tensor], args: DPOArg
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected, args.beta, args.loss,
         args.label_smoothing)
-    metrics = {
+    return losses.sum(), reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+
+def reference_free_objective(average_logps: torch.Tensor, args: DPOArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO's or ORPO's loss summed over the pairs, from each sequence's average log-prob per response token
+    (chosen rows, then rejected), and the metrics as TRL names them. The rewards are beta times the averages."""
+    chosen, rejected = average_logps.chunk(2)
+    extra = {}
+    if args.loss == "simpo":
+        losses = simpo_loss(chosen, rejected, args.beta, args.gamma, args.label_smoothing)
+    else:
+        losses, log_odds = orpo_loss(chosen, rejected, args.beta)
+        extra = {"nll_loss": -chosen.detach().sum(), "log_odds_ratio": F.logsigmoid(log_odds).detach().sum(),
+                 "log_odds_chosen": log_odds.detach().sum()}
+    metrics = reward_metrics(args.beta * chosen.detach(), args.beta * rejected.detach(), chosen, rejected)
+    return losses.sum(), {**metrics, **extra}
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                   rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's reward and log-prob metrics of a batch of pairs, each summed over the pairs."""
+    return {
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
         "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-        "logps/chosen": policy_chosen.detach().sum(),
-        "logps/rejected": policy_rejected.detach().sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
     }
-    return losses.sum(), metrics
 
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:
@@ -219,6 +260,23 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float, label_smoothing: float = 0.0
+               ) -> torch.Tensor:
+    """Per-pair SimPO losses (B,) from average log-probs per response token (B,)."""
+    z = beta * (chosen - rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair ORPO losses (B,) from average log-probs per response token (B,), and the log odds ratios (B,).
+
+    The odds of a response are p / (1 - p) with p = exp(average log-prob), so log odds = a - log(1 - e^a); expm1
+    keeps 1 - e^a exact for a near 0.
+    """
+    log_odds = (chosen - torch.log(-torch.expm1(chosen))) - (rejected - torch.log(-torch.expm1(rejected)))
+    return -chosen - lam * F.logsigmoid(log_odds), log_odds
 
 
 @torch.no_grad()

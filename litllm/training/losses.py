@@ -21,6 +21,11 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_row_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's target tokens (rows,)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
 def target_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hidden states (N, hidden_size) that predict the N target tokens, the targets (N,), and their rows (N,)."""
     targets = labels[:, 1:]  # position t predicts token t + 1
