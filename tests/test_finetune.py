@@ -274,3 +274,18 @@ def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-6)
     for a, b in zip(ours_grads, expected_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_logged_tokens_per_sec_is_the_rate_of_the_steps_since_the_last_log(monkeypatch):
+    """A slow first step (start-up costs) does not pull down the rate logged later: each log covers its own steps."""
+    from litllm.training.args import TrainArgs
+    from litllm.training.loop import StepLog
+
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    logged_rows = []
+    monkeypatch.setattr(fabric, "log_dict", lambda metrics, step: logged_rows.append(metrics))
+    log = StepLog(fabric, TrainArgs(log_interval=2), total_steps=4, start_step=0)
+    for step, seconds in enumerate([9.0, 1.0, 0.5, 0.5], start=1):  # 100 tokens a step
+        log.step(step, {"loss": 1.0}, tokens=100, seconds=seconds)
+    log.close()
+    assert [(row["step"], row["tokens_per_sec"]) for row in logged_rows] == [(2, 200 / 10.0), (4, 200 / 1.0)]
