@@ -333,13 +333,11 @@ def main(
     model_args = {"pretrained": str(checkpoint_dir), "dtype": dtype, "device": device,
                   "adapter": str(Path(adapter).resolve()) if adapter else None}
     model_args = {key: value for key, value in model_args.items() if value is not None}
-    task_manager = None
-    if include_path is not None:  # lm-eval's own ~15,000 tasks take seconds to index: only when one is asked for
-        task_manager = TaskManager(include_path=str(include_path), include_defaults=False, metadata=model_args)
-        if not all(t in task_manager.all_tasks for t in task_names):
-            task_manager = None
-    task_manager = task_manager or TaskManager(include_path=str(include_path) if include_path else None,
-                                               metadata=model_args)
+    # lm-eval's own ~15,000 tasks take seconds to index: only when --include_path does not hold every task asked for
+    task_manager = include_path and TaskManager(include_path=str(include_path), include_defaults=False,
+                                                metadata=model_args)
+    if not task_manager or not all(t in task_manager.all_tasks for t in task_names):
+        task_manager = TaskManager(include_path=str(include_path) if include_path else None, metadata=model_args)
     unknown = [t for t in task_names if t not in task_manager.all_tasks and not Path(t).is_file()]
     if unknown:
         listing = f"lm-eval ls tasks --include_path {include_path}" if include_path else "lm-eval ls tasks"
