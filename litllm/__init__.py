@@ -1,6 +1,6 @@
 """litllm: a hackable toolkit to pretrain, fine-tune, evaluate, export and serve LLMs."""
 
-__all__ = ["LLM"]
+__all__ = ["LLM", "RewardModel"]
 
 
 def __getattr__(name: str):
@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from litllm.api import LLM
 
         return LLM
+    if name == "RewardModel":
+        from litllm.reward import RewardModel
+
+        return RewardModel
     raise AttributeError(f"module 'litllm' has no attribute '{name}'")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from litllm.config import Config
 from litllm.errors import UserError
 from litllm.files import atomic_dir
-from litllm.model import GPT
+from litllm.model import GPT, RewardGPT
 from litllm.tokenizer import TOKENIZER_FILES
 
 # litllm name <-> HF name, per block; leaf names (q_proj, gate_proj, ...) are shared
@@ -28,7 +28,7 @@ _LIT_BLOCK = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(.+)$")
 
 
 def hf_to_litllm(name: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attn.q_proj.weight`; lm_head stays."""
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attn.q_proj.weight`; lm_head and score stay."""
     if m := _HF_BLOCK.match(name):
         i, part, rest = m.groups()
         for lit, hf in _BLOCK_NAMES:
@@ -45,7 +45,7 @@ def litllm_to_hf(name: str) -> str:
         for lit, hf in _BLOCK_NAMES:
             if part == lit:
                 return f"model.layers.{i}.{hf}.{rest}"
-    if name.startswith("lm_head."):
+    if name.startswith(("lm_head.", "score.")):  # the heads sit beside the transformer, not in it
         return name
     return f"model.{name}"
 
@@ -115,17 +115,20 @@ def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
 
 
 def load_model(
-    checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    checkpoint_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+    reward: bool = False,
 ) -> GPT:
     """Build the model of a HF checkpoint dir and load its weights (single file or shards).
 
-    Names and shapes are checked against config.json before any weight is read.
+    With `reward`, a RewardGPT: from a reward model dir (*ForSequenceClassification) with its score head, or from a
+    causal LM with a new score head (initialized as transformers does: normal, std initializer_range; seed first)
+    and without its lm_head. Names and shapes are checked against config.json before any weight is read.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = Config.from_hf(checkpoint_dir)
     dtype = dtype or parse_dtype(config.torch_dtype)
     with torch.device("meta"):
-        model = GPT(config)
+        model = RewardGPT(config) if reward else GPT(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()
                 if not (config.tie_embeddings and name == "lm_head.weight")}
     files = safetensors_files(checkpoint_dir)
@@ -134,8 +137,14 @@ def load_model(
         with safe_open(file, framework="pt") as f:
             for hf_name in f.keys():
                 found[hf_to_litllm(hf_name)] = (file, hf_name, torch.Size(f.get_slice(hf_name).get_shape()))
-    if config.tie_embeddings:
-        found.pop("lm_head.weight", None)  # the tied copy some checkpoints also store
+    if config.tie_embeddings or reward:
+        found.pop("lm_head.weight", None)  # the tied copy some checkpoints also store; a reward model has none
+    if "score.weight" in found and not reward:
+        raise UserError(f"{checkpoint_dir}: a reward model (a score head, no lm_head) scores text but does not "
+                        "generate it; load it with `from litllm import RewardModel; RewardModel.load(...)`")
+    new_head = reward and "score.weight" not in found
+    if new_head:
+        expected.pop("score.weight")
     missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing or unexpected:
         raise UserError(
@@ -153,7 +162,10 @@ def load_model(
                 if source == file:
                     state_dict[name] = f.get_tensor(hf_name).to(dtype)
     model.load_state_dict(state_dict, strict=False, assign=True)
-    if config.tie_embeddings:
+    if new_head:
+        model.score = torch.nn.Linear(config.hidden_size, 1, bias=False, device=device, dtype=dtype)
+        torch.nn.init.normal_(model.score.weight, std=config.initializer_range)
+    elif config.tie_embeddings and not reward:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope.to(device)
     return model.eval()
@@ -198,6 +210,10 @@ def write_model_files(model: GPT, out_dir: Path, max_shard_size: int = 5 * 1024*
         tensors[litllm_to_hf(name)] = tensor.detach().contiguous().cpu()
     dtype = next(iter(tensors.values())).dtype
     hf_config = config.to_hf()
+    if isinstance(model, RewardGPT):  # what transformers' AutoModelForSequenceClassification reads
+        family = hf_config["architectures"][0].removesuffix("ForCausalLM")
+        hf_config |= {"architectures": [f"{family}ForSequenceClassification"], "id2label": {"0": "LABEL_0"},
+                      "label2id": {"LABEL_0": 0}}
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 

@@ -21,9 +21,11 @@ COMMANDS: dict = {
     "pretrain": "litllm.pretrain.pretrain:setup",
     "evaluate": "litllm.evaluate:main",
     "serve": "litllm.serve:main",
-    "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize), dpo (preference pairs).",
+    "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize), dpo (preference pairs), "
+                          "kto (completions labelled good or bad), reward (a reward model from preference pairs).",
                  "full": "litllm.finetune.full:setup", "lora": "litllm.finetune.lora:setup",
-                 "dpo": "litllm.finetune.dpo:setup"},
+                 "dpo": "litllm.finetune.dpo:setup", "kto": "litllm.finetune.kto:setup",
+                 "reward": "litllm.finetune.reward:setup"},
     "convert": {"_help": "Convert checkpoints between formats: GGUF in and out, LoRA adapters merged.",
                 "from_gguf": "litllm.convert.from_gguf:from_gguf", "to_gguf": "litllm.convert.to_gguf:to_gguf",
                 "merge_lora": "litllm.convert.merge_lora:merge_lora"},

@@ -24,6 +24,8 @@ from litllm.quantize import dequantize_weight
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 PEFT_PREFIX = "base_model.model."  # PeftModel(LoraModel(transformers model)) in front of every HF name
+# PEFT's modules_to_save for task type SEQ_CLS: a reward model's head, by either name models give it
+REWARD_HEADS = ["classifier", "score"]
 _LORA_PARAM = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
@@ -137,7 +139,8 @@ def _wrap_layers(model: nn.Module, names: list[str], config: LoRAConfig) -> nn.M
         layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.dora, config.rslora)
         setattr(parent, child, layer.train(model.training))  # an eval model stays in eval mode (no dropout)
     for name, param in model.named_parameters():
-        param.requires_grad = bool(_LORA_PARAM.search(name))
+        # a reward model's new score head trains whole, as PEFT's modules_to_save, and is saved with the adapter
+        param.requires_grad = bool(_LORA_PARAM.search(name)) or name == "score.weight"
     return model
 
 
@@ -146,8 +149,9 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter's tensors, under litllm names (`layers.0.attn.q_proj.lora_A.weight`)."""
-    return {name: t for name, t in model.state_dict().items() if _LORA_PARAM.search(name)}
+    """Only the adapter's tensors, under litllm names (`layers.0.attn.q_proj.lora_A.weight`), and a reward model's
+    score head."""
+    return {name: t for name, t in model.state_dict().items() if _LORA_PARAM.search(name) or name == "score.weight"}
 
 
 def count_parameters(model: nn.Module, trainable: bool = True) -> int:
@@ -194,7 +198,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_checkpoint: Path,
                  quantize: str | None = None) -> Path:
     """Write a PEFT adapter dir (adapter_config.json, adapter_model.safetensors) and litllm.json naming
-    the base checkpoint and, for QLoRA, how the base was quantized during training."""
+    the base checkpoint and, for QLoRA, how the base was quantized during training.
+
+    A reward model's adapter is what PEFT writes for task type SEQ_CLS: its score head saved whole with it
+    (modules_to_save), so PEFT loads it onto AutoModelForSequenceClassification."""
+    reward = hasattr(model, "score")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_checkpoint = str(Path(base_checkpoint).resolve())
@@ -203,7 +211,7 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_check
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if reward else "CAUSAL_LM",
         "base_model_name_or_path": base_checkpoint,
         "revision": None,
         "inference_mode": True,
@@ -218,7 +226,7 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_check
         "lora_bias": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": REWARD_HEADS if reward else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "layers_to_transform": None,
@@ -275,8 +283,17 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | st
         raise UserError(f"{config_file}: expected a PEFT LoRA config with a positive integer 'r'")
     if peft.get("peft_type") != "LORA":
         raise UserError(f"{config_file}: peft_type is {peft.get('peft_type')!r}; litllm loads LORA adapters only")
+    reward = hasattr(model, "score")
+    if peft.get("task_type") == "SEQ_CLS" and not reward:
+        raise UserError(f"{adapter_dir}: a reward model's adapter (task_type SEQ_CLS) scores text but does not "
+                        "generate it; load it with `RewardModel.load(base, adapter=...)`")
+    if reward and peft.get("task_type") != "SEQ_CLS":
+        raise UserError(f"{adapter_dir}: task_type {peft.get('task_type')}, not a reward model's adapter (SEQ_CLS, "
+                        "from `litllm finetune reward`)")
     for key in _UNSUPPORTED_KEYS:
         value = peft.get(key)
+        if reward and key == "modules_to_save" and value and set(value) <= set(REWARD_HEADS):
+            continue  # the score head, saved whole
         if not (value is None or value is False or value == "none" or value == {} or value == []):
             raise UserError(f"{config_file}: '{key}': {json.dumps(value)} is not supported by litllm")
     init = peft.get("init_lora_weights", True)
@@ -355,7 +372,8 @@ def _load_weights(model: nn.Module, weights_file: Path, base_checkpoint, trained
                                 f"the base needs {list(param.shape)}")
             param.copy_(tensor)
             loaded.add(name)
-    missing = sorted(name for name in expected if _LORA_PARAM.search(name) and name not in loaded)
+    missing = sorted(name for name in expected
+                     if (_LORA_PARAM.search(name) or name == "score.weight") and name not in loaded)
     if missing:
         raise UserError(f"{incompatible}: the adapter lacks {len(missing)} LoRA tensors the base needs, "
                         f"e.g. '{PEFT_PREFIX + litllm_to_hf(missing[0])}'")

@@ -1,4 +1,5 @@
-"""One decoder-only transformer for Llama, Mistral, Qwen2 and Qwen3.
+"""One decoder-only transformer for Llama, Mistral, Qwen2 and Qwen3, and the same with a scalar head
+(RewardGPT) for reward models.
 
 The families differ only through Config flags: grouped-query attention (n_kv_heads), RoPE base and
 scaling, sliding-window attention, q/k/v bias, per-head q/k RMSNorm, tied embeddings. Module leaf names
@@ -122,6 +123,34 @@ class GPT(nn.Module):
         never written to again)."""
         for block, cache in zip(self.layers, snapshot):
             block.attn.kv_cache = cache.select_rows(rows)
+
+
+class RewardGPT(GPT):
+    """GPT with a scalar head, `score`, in place of lm_head: one reward per sequence, read from the final hidden
+    state of its last token that is not padding (the rightmost token other than config.pad_token_id, or the last
+    token without one). This is transformers' *ForSequenceClassification with num_labels=1, rule included, so its
+    checkpoints and PEFT adapters load there and score the same. A sequence that ends in the pad token (e.g. EOS
+    where EOS pads) is read at the token before."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        del self.lm_head  # never used: a reward model predicts no tokens
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        self._init_weights(self.score)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) in float32 for right- or left-padded token ids (B, T)."""
+        hidden = super().forward(input_ids, return_hidden=True)  # (B, T, hidden_size)
+        last = last_token_positions(input_ids, self.config.pad_token_id)
+        return self.score(hidden[torch.arange(input_ids.size(0), device=hidden.device), last]).squeeze(-1).float()
+
+
+def last_token_positions(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Each row's rightmost position that does not hold `pad_id` (B,); the last position without a pad id."""
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    if pad_id is None:
+        return positions[-1].expand(input_ids.size(0))
+    return (positions * (input_ids != pad_id)).argmax(dim=1)
 
 
 def build_mask(size: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:

@@ -101,7 +101,7 @@ def test_from_gguf_refuses_to_overwrite(smollm2_gguf, smollm2_dir):
 def test_every_finetune_config_parses(config, capsys):
     from litllm.commands import main
 
-    method = {"full": "full", "dpo": "dpo"}.get(config.stem, "lora")  # lora.yaml and qlora.yaml: lora
+    method = config.stem if config.stem in ("full", "dpo", "reward", "kto") else "lora"  # lora.yaml, qlora.yaml: lora
     with pytest.raises(SystemExit) as exit:
         main(["finetune", method, "--config", str(config), "--print_config"])
     printed = capsys.readouterr()

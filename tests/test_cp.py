@@ -67,11 +67,14 @@ LOSS_LINES = {
     "pretrain": '    return cross_entropy_sum(model.lm_head, hidden, batch["labels"], chunk_size)\n',
     "finetune/dpo": ("    return losses.sum(), reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, "
                      "policy_rejected)\n"),
+    "finetune/kto": "    return losses.sum(), kto_metrics(rewards, policy, kl, desirable)\n",
+    "finetune/reward": "    return losses.sum(), {\n",
 }
 # what each training step logs: the copy adds a metric of its own
 LOGGED_LINE = '        metrics = {**units.mean({"loss": loss_sum}), "lr": scheduler.get_last_lr()[0]}\n'
 LOGGED_LINES = {**dict.fromkeys(["finetune/lora", "finetune/full", "pretrain"], LOGGED_LINE),
-                "finetune/dpo": LOGGED_LINE.replace('{"loss": loss_sum}', "sums")}
+                **dict.fromkeys(["finetune/dpo", "finetune/reward"], LOGGED_LINE.replace('{"loss": loss_sum}', "sums")),
+                "finetune/kto": LOGGED_LINE.replace('units.mean({"loss": loss_sum})', "kind_means(units.mean(sums))")}
 
 
 def copy_and_import(script: str, dest: Path, edits: dict[str, str]):
@@ -96,7 +99,7 @@ def train_two_steps(module, script: str, model_dir: Path, out_dir: Path) -> None
         text.write_text((DATA / "tiny_shakespeare.txt").read_text()[:20000])
         corpus = TextCorpus(paths=text, cache_dir=out_dir.parent / "cache")
         module.setup(initial_checkpoint=model_dir, data=corpus, out_dir=out_dir, train=train)
-    elif script == "finetune/dpo":
+    elif script in ("finetune/dpo", "finetune/kto", "finetune/reward"):
         module.setup(model_dir, data=Preference(json_path=DATA / "ko_preference_demo.jsonl"), out_dir=out_dir,
                      train=train, lora=LoRAConfig(dropout=0.0))
     else:
@@ -119,7 +122,8 @@ def weights_moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 def test_editing_the_copied_loss_changes_what_trains(script, tiny_chat_model_dir, tmp_path):
     """The copy holds the objective and the step: its loss times 0 leaves every weight as it was (and the metric
     the copy adds is logged), while the unedited copy moves them."""
-    starting = {} if script in ("finetune/lora", "finetune/dpo") else load_file(tiny_chat_model_dir / "model.safetensors")
+    fresh_adapter = script in ("finetune/lora", "finetune/dpo", "finetune/kto", "finetune/reward")
+    starting = {} if fresh_adapter else load_file(tiny_chat_model_dir / "model.safetensors")
     zero_loss = {LOSS_LINES[script]: LOSS_LINES[script].replace("return ", "return 0 * ", 1),
                  LOGGED_LINES[script]: LOGGED_LINES[script].replace("]}", '], "my_metric": 42.0}')}
     edited = copy_and_import(script, tmp_path / "edited_copy.py", zero_loss)

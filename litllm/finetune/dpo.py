@@ -40,8 +40,8 @@ from litllm.lora import LoRAConfig, apply_lora, count_parameters, disable_adapte
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
-from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated, prepare_data,
-                                  setup_training, step_batches, validate)
+from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated,
+                                  fixed_micro_batches, prepare_data, setup_training, step_batches, validate)
 from litllm.training.losses import count_row_targets, sequence_logprobs
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir, saved_progress
 
@@ -285,13 +285,11 @@ def add_reference_logps(fabric: L.Fabric, model, dataset: PreferenceDataset, nee
     """Score the pairs at `needed` with `model` as it is now and store their log-probs in the dataset, as the DPO
     reference.
 
-    Pairs go through in fixed micro-batches (0 to m - 1, m to 2m - 1, ...), whichever of them a run needs, so a
-    resumed run computes bit for bit the reference the uninterrupted one did.
+    Pairs go through in fixed micro-batches (see fixed_micro_batches), so a resumed run computes bit for bit the
+    reference the uninterrupted one did.
     """
     model.eval()
-    size = args.micro_batch_size
-    starts = sorted({i // size * size for i in needed})
-    batches = [list(range(start, min(start + size, len(dataset)))) for start in starts]
+    batches = fixed_micro_batches(needed, args.micro_batch_size, len(dataset))
     for indices in tqdm(batches, desc="Reference log-probs", disable=not sys.stderr.isatty()
                         or fabric.global_rank > 0 or len(batches) < 10):
         batch = fabric.to_device(dataset.collate([dataset[i] for i in indices]))

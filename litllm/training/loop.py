@@ -141,6 +141,13 @@ def examples_validated(n_examples: int, args: TrainArgs) -> list[int]:
     return list(range(min(n_examples, limit)))
 
 
+def fixed_micro_batches(needed: list[int], micro_batch_size: int, n_examples: int) -> list[list[int]]:
+    """The fixed micro-batches (0 to m - 1, m to 2m - 1, ...) that hold the examples at `needed`: scoring examples in
+    these, whichever of them a run needs, gives a resumed run bit for bit the numbers the uninterrupted one got."""
+    starts = sorted({i // micro_batch_size * micro_batch_size for i in needed})
+    return [list(range(start, min(start + micro_batch_size, n_examples))) for start in starts]
+
+
 class StepUnits:
     """The units a loss is averaged over (target tokens, preference pairs) in one optimizer step, on all devices.
 
@@ -162,15 +169,32 @@ class StepUnits:
 
 
 def mean_over_devices(fabric: L.Fabric, sums: dict[str, torch.Tensor | float], count: float) -> dict[str, float]:
+    """Per-unit means over all devices of this device's sums; metrics named min_* / max_* (see add_to) come out as
+    the extremes over all devices instead."""
     local = torch.tensor([float(value) for value in sums.values()], dtype=torch.float64, device=fabric.device)
     totals = fabric.all_reduce(local, reduce_op="sum")
-    return {name: float(total) / count for name, total in zip(sums, totals)}
+    means = {name: float(total) / count for name, total in zip(sums, totals)}
+    for op in ("min", "max"):
+        for name in sums:
+            if name.startswith(f"{op}_"):
+                extreme = fabric.all_reduce(torch.tensor(float(sums[name]), device=fabric.device), reduce_op=op)
+                means[name] = float(extreme)
+    return means
 
 
 def add_to(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
-    """Accumulate detached values into `sums` (kept as tensors: no device sync per micro-batch)."""
+    """Accumulate detached values into `sums` (kept as tensors: no device sync per micro-batch). Values are summed,
+    except those named min_* or max_* (e.g. a reward model's min_reward), which keep the extreme."""
     for name, value in values.items():
-        sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+        value = value.detach()
+        if name not in sums:
+            sums[name] = value
+        elif name.startswith("min_"):
+            sums[name] = torch.minimum(sums[name], value)
+        elif name.startswith("max_"):
+            sums[name] = torch.maximum(sums[name], value)
+        else:
+            sums[name] = sums[name] + value
 
 
 @torch.no_grad()
@@ -190,7 +214,8 @@ def validate(fabric: L.Fabric, model: nn.Module, val_data: TrainingDataset, args
         add_to(sums, {"loss": loss, **metrics})
         units += count(batch)
     model.train()
-    return {f"val_{name}": float(total) / max(units, 1) for name, total in sums.items()}
+    return {f"val_{name}": float(total) if name.startswith(("min_", "max_")) else float(total) / max(units, 1)
+            for name, total in sums.items()}
 
 
 class StepLog:
