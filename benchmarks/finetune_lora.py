@@ -3,7 +3,8 @@
     python benchmarks/finetune_lora.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --steps 1 --warmup 0 --seq_len 32 --no_append
 
-Modes: `lora` (r=8, alpha=16, no dropout, all seven linear layers of every block) and `full` (every weight trained);
+Modes: `lora` (r=8, alpha=16, all seven linear layers of every block, at each of --lora_dropouts: 0, and litllm's
+default 0.05, PEFT given the same) and `full` (every weight trained);
 precisions: `32-true` and `bf16-mixed` (fp32 weights, bf16 autocast). The batches are built once from real rows of
 data/alpaca_demo.json with litllm's tokenizer and data pipeline (concatenated into batch_size x seq_len tokens, every
 position a target) and the identical tensors go to both sides. Each side runs in its own subprocess (`--worker`), so
@@ -59,7 +60,7 @@ def litllm_step(args):
     fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
     model = load_model(args.checkpoint_dir, dtype=model_dtype(fabric))
     if args.mode == "lora":
-        apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=TARGETS))
+        apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=args.dropout, targets=TARGETS))
     model.train()
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model.parameters(), "AdamW", TrainArgs(lr=args.lr)))
@@ -84,7 +85,7 @@ def transformers_step(args):
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=TARGETS,
                                                  task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,10 +121,10 @@ def worker(args) -> None:
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
 
 
-def run_worker(args, side: str, mode: str, precision: str, batches: Path) -> dict:
+def run_worker(args, side: str, mode: str, precision: str, dropout: float, batches: Path) -> dict:
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--precision", precision,
                "--batches", str(batches), "--checkpoint_dir", str(args.checkpoint_dir),
-               "--warmup", str(args.warmup), "--lr", str(args.lr)]
+               "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes to the terminal
     if done.returncode:
         raise SystemExit(f"the {side} worker failed ({mode}, {precision}): exit status {done.returncode}")
@@ -141,11 +142,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lora_dropouts", default="0,0.05", help="LoRA runs at each of these dropouts")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -157,9 +160,10 @@ def main() -> None:
         torch.save(data, batches)
         for mode in args.modes.split(","):
             for precision in args.precisions.split(","):
-                hf, ours = (run_worker(args, side, mode, precision, batches) for side in SIDES)
-                rows.append((mode, precision, hf, ours))
-                print(rows[-1], file=sys.stderr)
+                for dropout in map(float, args.lora_dropouts.split(",") if mode == "lora" else ["0"]):
+                    hf, ours = (run_worker(args, side, mode, precision, dropout, batches) for side in SIDES)
+                    rows.append((mode if mode == "full" else f"lora, dropout {dropout:g}", precision, hf, ours))
+                    print(rows[-1], file=sys.stderr)
 
     header = ["mode", "precision", "transformers(+PEFT) tok/s", "litllm tok/s", "speed-up",
               "transformers peak RSS GB", "litllm peak RSS GB", "RSS litllm/transformers",
@@ -183,7 +187,7 @@ def main() -> None:
         notes=f"{machine()}; each side in its own process (peak RSS: that process's ru_maxrss, model loading "
               f"included); {args.warmup} untimed then {args.steps} timed optimizer steps per side, loss the mean "
               f"over the timed steps; rows of {args.data.name} concatenated, every token a target, identical "
-              f"batches on both sides; LoRA r=8 alpha=16 dropout 0 on {', '.join(TARGETS)}; AdamW lr {args.lr} "
+              f"batches on both sides; LoRA r=8 alpha=16 on {', '.join(TARGETS)}; AdamW lr {args.lr} "
               "betas (0.9, 0.95), no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 autocast.",
     )
 

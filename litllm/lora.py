@@ -68,7 +68,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # DoRA's path; see forward
         weight = dequantize_weight(base)
         factory = dict(device=weight.device, dtype=weight.dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -87,10 +87,15 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return result
         x = x.to(self.lora_A.weight.dtype)
-        if self.lora_magnitude_vector is None:
+        if self.lora_magnitude_vector is not None:
+            return (result + self._dora_extra(x, result)).to(result.dtype)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # keeps a one-byte mask for backward instead of a dropped copy of x per adapted layer
+            extra = DroppedLowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout.p)
+        else:
             # scaled in rank space (r columns, not out_features): the same product, fewer multiplications
-            return (result + self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)).to(result.dtype)
-        return (result + self._dora_extra(x, result)).to(result.dtype)
+            extra = self.lora_B(self.lora_A(x) * self.scaling)
+        return (result + extra).to(result.dtype)
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output: (m / |W + sBA| - 1) W x + (m / |W + sBA|) s B A x."""
@@ -114,6 +119,49 @@ class LoRALinear(nn.Module):
             return combined
         norm = torch.linalg.norm(combined, dim=1)
         return (self.lora_magnitude_vector.float() / norm).view(-1, 1) * combined
+
+
+def dropped_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float
+                     ) -> torch.Tensor:
+    """scaling * B A (dropout(x)), the plain way (nn.Dropout's op): what DroppedLowRank computes, and the reference its
+    test holds it to. Autograd keeps the dropped copy of x for A's gradient, and dropout's mask in x's dtype."""
+    return F.linear(F.linear(F.dropout(x, p), lora_A) * scaling, lora_B)
+
+
+class DroppedLowRank(torch.autograd.Function):
+    """scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r)) keeping, of x's size, only x itself (which
+    the other layers reading the same input, q/k/v or gate/up, and the block keep anyway) and the dropout mask as
+    one byte per element. Autograd would keep a dropped copy of x and a mask, 4 + 4 bytes per element in float32,
+    per adapted layer: for SmolLM2 with LoRA on all seven linear layers, +1.0 GB of peak memory at 4 x 256 tokens
+    (benchmarks/RESULTS.md).
+
+    The mask is drawn as nn.Dropout draws it (bernoulli from the global generator, then x * mask * scale), so
+    outputs equal dropped_low_rank's (and PEFT's) from the same seed, and gradients equal them too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scaling, p):
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)  # nn.Dropout's draws
+        low_rank = F.linear((x * mask).mul_(1 / (1 - p)), lora_A) * scaling  # (..., r): small, kept
+        ctx.save_for_backward(x, lora_A, lora_B, low_rank, mask)
+        ctx.scaling, ctx.p = scaling, p
+        return F.linear(low_rank, lora_B)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_A, lora_B, low_rank, mask = ctx.saved_tensors
+        scale = 1 / (1 - ctx.p)
+        dtype = low_rank.dtype  # the forward's compute dtype (bfloat16 under bf16 autocast)
+        x, mask = x.reshape(-1, x.size(-1)), mask.reshape(-1, x.size(-1))  # (N, in)
+        grad_out = grad_out.to(dtype).reshape(-1, grad_out.size(-1))  # (N, out)
+        low_rank = low_rank.reshape(-1, low_rank.size(-1))  # (N, r)
+        grad_B = grad_out.T @ low_rank  # (out, r)
+        grad_low_rank = (grad_out @ lora_B.to(dtype)) * ctx.scaling  # (N, r)
+        grad_A = grad_low_rank.T @ (x * mask).mul_(scale).to(dtype)  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad_low_rank @ lora_A.to(dtype)).to(x.dtype) * mask).mul_(scale).view(ctx.saved_tensors[0].shape)
+        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:

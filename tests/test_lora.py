@@ -9,8 +9,8 @@ from hf_models import save_tiny_hf_model
 from litllm.checkpoint import litllm_to_hf, load_model
 from litllm.errors import UserError
 from litllm.lora import (
-    LINEAR_LAYERS, LoRAConfig, LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
-    lora_state_dict, merge_lora, save_adapter,
+    LINEAR_LAYERS, DroppedLowRank, LoRAConfig, LoRALinear, apply_lora, count_parameters, disable_adapters,
+    dropped_low_rank, load_adapter, lora_state_dict, merge_lora, save_adapter,
 )
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,6 +95,40 @@ def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path
     ours_grad = model.layers[1].mlp.down_proj.lora_A.weight.grad
     theirs_grad = peft.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.grad
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
+
+
+def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`function(*args)` and the tensors autograd keeps for its backward."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        return function(*args), saved
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_dropped_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_input(autocast):
+    generator = torch.Generator().manual_seed(0)
+    x, lora_A, lora_B = (torch.randn(shape, generator=generator, requires_grad=True)
+                         for shape in [(2, 6, 32), (4, 32), (24, 4)])
+    results = {}
+    for name, function in (("fused", DroppedLowRank.apply), ("plain", dropped_low_rank)):
+        torch.manual_seed(7)  # the same dropout mask for both
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, 0.3)
+        grads = torch.autograd.grad(out.float().square().sum(), (x, lora_A, lora_B))
+        results[name] = out, grads, [t for t in saved if t.shape == x.shape]
+    (fused, fused_grads, fused_saved), (plain, plain_grads, plain_saved) = results["fused"], results["plain"]
+    torch.testing.assert_close(fused, plain, atol=0, rtol=0)
+    for ours, reference in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(ours, reference, **({"atol": 1e-2, "rtol": 1e-2} if autocast else {}))
+    assert (x.grad is None) and 0.5 < (fused_grads[0] == 0).float().mean() / 0.3 < 1.5  # about p of x is dropped
+    # besides x: the plain version keeps a dropped copy of x, the fused one only a one-byte mask
+    assert sum(t.element_size() for t in plain_saved if t.data_ptr() != x.data_ptr()) >= x.element_size()
+    assert [t.dtype for t in fused_saved if t.data_ptr() != x.data_ptr()] == [torch.bool]
 
 
 def test_only_lora_parameters_train(llama):
