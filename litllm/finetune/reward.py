@@ -95,7 +95,7 @@ def setup(
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
-        seed: random seed of the run: data order, the new score head and adapters, dropout.
+        seed: random seed of the run: data order, new weights and adapters, dropout.
         resume: "auto" continues from the newest complete checkpoint in out_dir if there is one; true requires one.
         overwrite: start over in an out_dir that holds a run, deleting its checkpoints and logs (nothing else).
     """
