@@ -40,8 +40,7 @@ class RewardModel:
         model = load_model(checkpoint_dir, dtype=dtype, device=device, reward=True)
         tokenizer = Tokenizer(checkpoint_dir)
         if model.config.pad_token_id is None:  # as training chose it (see finetune/reward.py: set_pad_id)
-            pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
-            model.config = replace(model.config, pad_token_id=pad_id)
+            model.config = replace(model.config, pad_token_id=tokenizer.padding_id)
         if adapter is not None:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
             model = merge_lora(model)

@@ -95,6 +95,8 @@ class Tokenizer:
         self.bos_id = self._special_id(named_tokens, "bos_token")
         self.eos_id = self._special_id(named_tokens, "eos_token")
         self.pad_id = self._special_id(named_tokens, "pad_token")
+        # what batches are padded with: the pad token, else EOS (the padded positions are never scored)
+        self.padding_id = next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)
         self.vocab_size = self._backend.vocab_size
 
         generation_config = _read_json(self.checkpoint_dir / "generation_config.json")

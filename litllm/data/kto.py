@@ -90,7 +90,7 @@ class Unpaired(PromptedResponses):
                              "desirable": torch.tensor(desirable)})
 
         train_rows, val_rows = split_indices(len(rows), self.val_split_fraction, self.seed)
-        pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+        pad_id = tokenizer.padding_id
         train = UnpairedDataset([examples[i] for i in train_rows if examples[i] is not None], pad_id)
         val = UnpairedDataset([examples[i] for i in val_rows if examples[i] is not None], pad_id)
         self._summary = (f"{len(train)} training and {len(val)} validation examples; {self.num_truncated} of "

@@ -183,7 +183,7 @@ class Preference(PromptedResponses):
                           "rejected_labels": torch.tensor(rejected_labels), "margin": torch.tensor(margin)})
 
         train_rows, val_rows = split_indices(len(rows), self.val_split_fraction, self.seed)
-        pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+        pad_id = tokenizer.padding_id
         train = PreferenceDataset([pairs[i] for i in train_rows if pairs[i] is not None], pad_id)
         val = PreferenceDataset([pairs[i] for i in val_rows if pairs[i] is not None], pad_id)
         self._summary = (f"{len(train)} training and {len(val)} validation pairs; {self.num_truncated} of "

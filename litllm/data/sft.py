@@ -109,7 +109,7 @@ class SFTData(ABC):
         train_rows, val_rows = split_indices(len(rows), self.val_split_fraction, self.seed)
         train = [examples[i] for i in train_rows if examples[i] is not None]
         val = [examples[i] for i in val_rows if examples[i] is not None]
-        pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+        pad_id = tokenizer.padding_id
         if self.packing:
             train = pack(train, max_seq_length)
         self._summary = (f"{len(train)} training and {len(val)} validation sequences; {self.num_truncated} of "
