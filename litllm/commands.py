@@ -22,10 +22,11 @@ COMMANDS: dict = {
     "evaluate": "litllm.evaluate:main",
     "serve": "litllm.serve:main",
     "finetune": {"_help": "Fine-tune a checkpoint: full, lora (QLoRA with --quantize), dpo (preference pairs), "
-                          "kto (completions labelled good or bad), reward (a reward model from preference pairs).",
+                          "kto (completions labelled good or bad), reward (a reward model from preference pairs), "
+                          "grpo (online RL: the model's own answers, scored by rewards).",
                  "full": "litllm.finetune.full:setup", "lora": "litllm.finetune.lora:setup",
                  "dpo": "litllm.finetune.dpo:setup", "kto": "litllm.finetune.kto:setup",
-                 "reward": "litllm.finetune.reward:setup"},
+                 "reward": "litllm.finetune.reward:setup", "grpo": "litllm.finetune.grpo:setup"},
     "convert": {"_help": "Convert checkpoints between formats: GGUF in and out, LoRA adapters merged.",
                 "from_gguf": "litllm.convert.from_gguf:from_gguf", "to_gguf": "litllm.convert.to_gguf:to_gguf",
                 "merge_lora": "litllm.convert.merge_lora:merge_lora"},

@@ -20,6 +20,7 @@ SCRIPTS = {
     "finetune/dpo": "finetune/dpo.py",
     "finetune/kto": "finetune/kto.py",
     "finetune/reward": "finetune/reward.py",
+    "finetune/grpo": "finetune/grpo.py",
     "pretrain": "pretrain/pretrain.py",
     "evaluate": "evaluate.py",
     "serve": "serve.py",
@@ -31,8 +32,8 @@ def cp(script: str, dest: Path, overwrite: bool = False) -> Path:
     """Copy a task script to DEST (`litllm cp --list` lists them); then `python DEST --help` runs it.
 
     Args:
-        script: finetune/lora, finetune/full, finetune/dpo, finetune/kto, finetune/reward, pretrain, evaluate, serve
-            or generate.
+        script: finetune/lora, finetune/full, finetune/dpo, finetune/kto, finetune/reward, finetune/grpo, pretrain,
+            evaluate, serve or generate.
         dest: the file (or existing directory) to copy it to.
         overwrite: replace DEST if it already exists.
     """

@@ -97,6 +97,50 @@ def generate_tokens(
         model.clear_kv_cache()
 
 
+@torch.inference_mode()
+def sample_continuations(
+    model: GPT,
+    prompt_ids: list[int],
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """`n` continuations of one prompt, sampled together: the prompt is prefilled once, its KV cache row copied `n`
+    times, and the `n` rows decode in one batch until each has reached a stop id (kept, last) or `max_new_tokens`.
+
+    The draws depend only on the model and `generator`, so a seeded generator gives the same continuations again.
+    """
+    check_sampling(temperature, top_k, top_p)
+    max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
+    device = model.embed_tokens.weight.device
+    stop_ids = set(stop_ids)
+    model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens)
+    try:
+        logits = model(torch.tensor([prompt_ids], device=device), torch.arange(len(prompt_ids), device=device))
+        model.restore_kv_cache_rows(model.kv_cache_snapshot(), torch.zeros(n, dtype=torch.long, device=device))
+        logits = logits[:, -1].expand(n, -1)
+        continuations: list[list[int]] = [[] for _ in range(n)]
+        running = set(range(n))
+        for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
+            tokens = sample(logits, temperature, top_k, top_p, generator)
+            for row, token in enumerate(tokens.tolist()):
+                if row in running:
+                    continuations[row].append(token)
+                    if token in stop_ids:
+                        running.discard(row)
+            if not running or position + 1 == len(prompt_ids) + max_new_tokens:
+                break
+            # finished rows decode on with the others (their tokens are dropped): the batch keeps one shape
+            logits = model(tokens.view(n, 1), torch.tensor([position], device=device))[:, -1]
+    finally:
+        model.clear_kv_cache()
+    return continuations
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
     """Sampling settings out of range are user errors (a temperature below GREEDY_BELOW decodes greedily)."""
     if not temperature >= 0:

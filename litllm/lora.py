@@ -220,6 +220,23 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.enabled = enabled
 
 
+@contextmanager
+def adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Within the block the adapters hold `weights` (named as lora_state_dict names them, e.g. a copy of them taken
+    earlier) in place of their own: the model as it was then, for the memory of the adapters' small tensors only."""
+    params = {name: p for name, p in model.named_parameters() if name in weights}
+    if params.keys() != weights.keys():
+        raise ValueError(f"not adapter weights of this model: {sorted(weights.keys() - params.keys())[:3]}")
+    own = {name: p.data for name, p in params.items()}
+    for name, p in params.items():
+        p.data = weights[name]
+    try:
+        yield model
+    finally:
+        for name, p in params.items():
+            p.data = own[name]
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace each LoRALinear with a plain nn.Linear holding the merged weight (a quantized base is
@@ -285,6 +302,15 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base_check
     litllm_info = {"base_checkpoint": base_checkpoint, **({"quantize": quantize} if quantize else {})}
     (out_dir / "litllm.json").write_text(json.dumps(litllm_info, indent=2) + "\n")
     return out_dir
+
+
+def named_base(adapter_dir: Path) -> str | None:
+    """The base checkpoint an adapter dir names: litllm.json's (a resolved local path), else PEFT's
+    base_model_name_or_path (a local path or a hub name); None if neither does."""
+    named = None
+    if (adapter_dir / "litllm.json").is_file():
+        named = json.loads((adapter_dir / "litllm.json").read_text()).get("base_checkpoint")
+    return named or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
 def _target_modules(model: nn.Module) -> list[str] | str:

@@ -9,7 +9,7 @@ import torch
 
 from litllm.checkpoint import check_checkpoint_dir, load_model, parse_device, parse_dtype
 from litllm.errors import UserError
-from litllm.lora import load_adapter, merge_lora
+from litllm.lora import load_adapter, merge_lora, named_base
 from litllm.model import RewardGPT
 from litllm.tokenizer import Tokenizer
 
@@ -29,7 +29,13 @@ class RewardModel:
              dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> RewardModel:
         """Load a reward model dir (`litllm finetune reward --full true`), or the base checkpoint a LoRA reward
         adapter was trained on with `adapter` (its final/ or step-NNNNNN/ dir; the adapter carries the score head).
+        A LoRA reward adapter dir alone loads onto the base checkpoint it names.
         dtype defaults to float32 on CPU and the checkpoint's dtype on GPU."""
+        if adapter is None and (Path(checkpoint_dir) / "adapter_config.json").is_file():
+            adapter, checkpoint_dir = Path(checkpoint_dir), named_base(Path(checkpoint_dir))
+            if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
+                raise UserError(f"{adapter}: its base checkpoint {checkpoint_dir!r} is not a local directory; load "
+                                "it with RewardModel.load(base, adapter=...)")
         checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         if adapter is None and not is_reward_model_dir(checkpoint_dir):
             raise UserError(f"{checkpoint_dir}: a language model, not a reward model (no score head); train one with "

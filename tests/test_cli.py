@@ -101,9 +101,22 @@ def test_from_gguf_refuses_to_overwrite(smollm2_gguf, smollm2_dir):
 def test_every_finetune_config_parses(config, capsys):
     from litllm.commands import main
 
-    method = config.stem if config.stem in ("full", "dpo", "reward", "kto") else "lora"  # lora.yaml, qlora.yaml: lora
+    method = config.stem if config.stem in ("full", "dpo", "reward", "kto", "grpo") else "lora"  # (q)lora.yaml: lora
     with pytest.raises(SystemExit) as exit:
         main(["finetune", method, "--config", str(config), "--print_config"])
     printed = capsys.readouterr()
     assert exit.value.code in (0, None), printed.err
     assert "checkpoint_dir: checkpoints/" in printed.out
+
+
+def test_an_option_given_twice_adds_to_a_list_and_is_refused_where_it_takes_one_value(capsys):
+    from litllm.commands import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "grpo", "ckpt", "--reward", "accuracy", "--reward=rm/final", "--print_config"])
+    assert exit.value.code in (0, None)
+    assert "reward:\n- accuracy\n- rm/final\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "ckpt", "--max_new_tokens", "8", "--max_new_tokens", "9"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == "error: --max_new_tokens is given more than once, but it takes one value\n"

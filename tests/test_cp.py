@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from litllm.cp import SCRIPTS, cp
-from litllm.data import JSON, Preference, TextCorpus
+from litllm.data import JSON, Preference, Prompts, TextCorpus
+from litllm.finetune.grpo import GRPOArgs
 from litllm.lora import LoRAConfig
 from litllm.training.args import TrainArgs
 
@@ -69,12 +70,15 @@ LOSS_LINES = {
                      "policy_rejected)\n"),
     "finetune/kto": "    return losses.sum(), kto_metrics(rewards, policy, kl, desirable)\n",
     "finetune/reward": "    return losses.sum(), {\n",
+    "finetune/grpo": '    return loss, {**metrics, "entropy": entropy.sum(), "count/tokens": torch.tensor(float(len(logps)))}\n',
 }
 # what each training step logs: the copy adds a metric of its own
 LOGGED_LINE = '        metrics = {**units.mean({"loss": loss_sum}), "lr": scheduler.get_last_lr()[0]}\n'
 LOGGED_LINES = {**dict.fromkeys(["finetune/lora", "finetune/full", "pretrain"], LOGGED_LINE),
                 **dict.fromkeys(["finetune/dpo", "finetune/reward"], LOGGED_LINE.replace('{"loss": loss_sum}', "sums")),
-                "finetune/kto": LOGGED_LINE.replace('units.mean({"loss": loss_sum})', "kind_means(units.mean(sums))")}
+                "finetune/kto": LOGGED_LINE.replace('units.mean({"loss": loss_sum})', "kind_means(units.mean(sums))"),
+                "finetune/grpo": ('            metrics |= {**rollout_log, "timing/train": time.perf_counter() - started, '
+                                  '"lr": scheduler.get_last_lr()[0]}\n')}
 
 
 def copy_and_import(script: str, dest: Path, edits: dict[str, str]):
@@ -99,6 +103,12 @@ def train_two_steps(module, script: str, model_dir: Path, out_dir: Path) -> None
         text.write_text((DATA / "tiny_shakespeare.txt").read_text()[:20000])
         corpus = TextCorpus(paths=text, cache_dir=out_dir.parent / "cache")
         module.setup(initial_checkpoint=model_dir, data=corpus, out_dir=out_dir, train=train)
+    elif script == "finetune/grpo":  # a reward that differs between completions: advantages that are not 0
+        (out_dir.parent / "length.py").write_text("def length(completions, **kwargs):\n"
+                                                  "    return [float(len(c)) for c in completions]\n")
+        module.setup(model_dir, data=Prompts(json_path=DATA / "arithmetic_demo.jsonl"), out_dir=out_dir, train=train,
+                     reward=f"{out_dir.parent / 'length.py'}:length", lora=LoRAConfig(dropout=0.0),
+                     grpo=GRPOArgs(num_generations=2, max_completion_length=4))
     elif script in ("finetune/dpo", "finetune/kto", "finetune/reward"):
         module.setup(model_dir, data=Preference(json_path=DATA / "ko_preference_demo.jsonl"), out_dir=out_dir,
                      train=train, lora=LoRAConfig(dropout=0.0))
@@ -122,7 +132,7 @@ def weights_moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 def test_editing_the_copied_loss_changes_what_trains(script, tiny_chat_model_dir, tmp_path):
     """The copy holds the objective and the step: its loss times 0 leaves every weight as it was (and the metric
     the copy adds is logged), while the unedited copy moves them."""
-    fresh_adapter = script in ("finetune/lora", "finetune/dpo", "finetune/kto", "finetune/reward")
+    fresh_adapter = script in ("finetune/lora", "finetune/dpo", "finetune/kto", "finetune/reward", "finetune/grpo")
     starting = {} if fresh_adapter else load_file(tiny_chat_model_dir / "model.safetensors")
     zero_loss = {LOSS_LINES[script]: LOSS_LINES[script].replace("return ", "return 0 * ", 1),
                  LOGGED_LINES[script]: LOGGED_LINES[script].replace("]}", '], "my_metric": 42.0}')}

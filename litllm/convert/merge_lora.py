@@ -11,7 +11,7 @@ from litllm.checkpoint import check_checkpoint_dir, is_model_dir_file, load_mode
 from litllm.config import Config
 from litllm.errors import UserError
 from litllm.files import check_out_dir, refuse_to_overwrite
-from litllm.lora import load_adapter
+from litllm.lora import load_adapter, named_base
 from litllm.lora import merge_lora as merge_lora_layers
 from litllm.model import GPT
 
@@ -63,10 +63,7 @@ def adapter_base(adapter_dir: Path, base: Path | None) -> Path:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no adapter_config.json; is this a LoRA adapter directory?")
     if base is None:
-        named = None
-        if (adapter_dir / "litllm.json").is_file():
-            named = json.loads((adapter_dir / "litllm.json").read_text()).get("base_checkpoint")
-        named = named or json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        named = named_base(adapter_dir)
         if not named or not Path(named).is_dir():
             raise UserError(f"{adapter_dir}: its base checkpoint {named!r} is not a local directory; "
                             "pass --base DIR with the model the adapter was trained on")

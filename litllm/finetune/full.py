@@ -74,7 +74,8 @@ def setup(
 
     # a resumed run reads its weights from its own checkpoint, which is a complete HF model dir
     model = load_model(resume_from or checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
-    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
+    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train,
+                                                       train.total_steps(len(train_data)), resume_from)
 
     def save_weights(directory: Path, trained: nn.Module) -> None:
         write_model_files(trained, directory)

@@ -86,7 +86,8 @@ def setup(
     else:
         apply_lora(model, lora)
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
-    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
+    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train,
+                                                       train.total_steps(len(train_data)), resume_from)
 
     def save_weights(directory: Path, trained: nn.Module) -> None:
         save_adapter(trained, lora, directory, base_checkpoint=checkpoint_dir, quantize=quantize)

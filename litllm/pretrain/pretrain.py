@@ -126,7 +126,8 @@ def setup(
                         f"({model.config.max_seq_len})")
     fabric.print(f"Parameters: {count_parameters(model, trainable=False):,} ({count_parameters(model):,} trainable)")
     flops_per_token = training_flops_per_token(model, train.max_seq_length)
-    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, len(train_data), resume_from)
+    model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train,
+                                                       train.total_steps(len(train_data)), resume_from)
 
     def save_weights(directory: Path, trained: nn.Module) -> None:
         if lora:  # a complete HF model dir, which `litllm finetune` and transformers read as is

@@ -65,16 +65,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def setup_training(fabric: L.Fabric, model: nn.Module, optimizer: OptimizerName, args: TrainArgs, n_examples: int,
+def setup_training(fabric: L.Fabric, model: nn.Module, optimizer: OptimizerName, args: TrainArgs, total_steps: int,
                    resume_from: Path | None):
-    """Hand the model to Fabric, build optimizer and schedule, and restore their state when resuming.
+    """Hand the model to Fabric, build optimizer and schedule (over `total_steps`), and restore their state when
+    resuming.
 
     Returns (model, optimizer, scheduler, progress); the model is in training mode.
     """
     model.activation_checkpointing = args.activation_checkpointing
     model = fabric.setup_module(model)
     optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, args))
-    scheduler = build_scheduler(optim, args, args.total_steps(n_examples))
+    scheduler = build_scheduler(optim, args, total_steps)
     progress = Progress()
     if resume_from:
         progress = load_training_state(fabric, resume_from, model, optim, scheduler)

@@ -7,6 +7,7 @@ float32 logits of a 50k-150k word vocabulary never exist for the whole batch.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -54,13 +55,32 @@ def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     Log-softmax in float32 over the whole vocabulary. With gradients enabled, each chunk's logits are recomputed in
     backward rather than kept.
     """
-    pieces = [checkpoint(_chunk_logprobs, lm_head, h, t, use_reentrant=False) if torch.is_grad_enabled()
-              else _chunk_logprobs(lm_head, h, t)
-              for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))]
-    if not pieces:
+    if not len(targets):
         return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
-    logprobs, greedy = zip(*pieces)
-    return torch.cat(logprobs), torch.cat(greedy)
+    return _by_chunks(_chunk_logprobs, lm_head, hidden, targets, chunk_size)
+
+
+def token_logprobs_and_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) (N,) as token_logprobs computes it, but from the logits divided by `temperature` (the
+    distribution a sampler at that temperature draws from), and the entropy (N,) of each of those N distributions,
+    in nats (detached: a metric, e.g. of how freely a policy still samples)."""
+    if not len(targets):
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+    logprobs, entropy = _by_chunks(partial(_chunk_logprobs_and_entropy, temperature=temperature), lm_head, hidden,
+                                   targets, chunk_size)
+    return logprobs, entropy.detach()
+
+
+def _by_chunks(function, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`function(lm_head, hidden chunk, targets chunk)` -> two (chunk,) tensors, over chunks of at most `chunk_size`
+    tokens, concatenated; with gradients enabled each chunk's logits are recomputed in backward rather than kept."""
+    pieces = [checkpoint(function, lm_head, h, t, use_reentrant=False) if torch.is_grad_enabled()
+              else function(lm_head, h, t)
+              for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))]
+    first, second = zip(*pieces)
+    return torch.cat(first), torch.cat(second)
 
 
 def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
@@ -68,6 +88,13 @@ def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Ten
     logits = lm_head(hidden).float()  # (chunk, vocab)
     logprobs = logits.log_softmax(dim=-1)  # as the references compute it (HF, lm-eval): equal to the last bit
     return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1), logits.argmax(dim=-1) == targets
+
+
+def _chunk_logprobs_and_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    logprobs = (lm_head(hidden).float() / temperature).log_softmax(dim=-1)  # (chunk, vocab)
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1), entropy
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
