@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import lightning_fabric as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +18,7 @@ from litllm.decode import generate_tokens, sample_continuations
 from litllm.errors import UserError
 from litllm.finetune import grpo
 from litllm.finetune.grpo import GRPOArgs, aggregate, group_advantages, grpo_token_loss, loss_units, micro_batch
-from litllm.lora import LoRAConfig, adapter_weights, apply_lora, lora_state_dict
+from litllm.lora import LoRAConfig, adapter_weights, apply_lora, lora_state_dict, save_adapter
 from litllm.model import RewardGPT
 from litllm.reward import RewardModel
 from litllm.rewards import accuracy, answer_line, load_rewards, number_only
@@ -94,6 +95,18 @@ def test_each_loss_type_normalizes_as_trl_defines_it():
     assert masked["labels"][1].eq(-100).all() and loss_units(masked, "dapo") == 2 and loss_units(masked, "grpo") == 2
 
 
+def test_a_micro_batch_of_only_masked_completions_trains_nothing_and_breaks_nothing(tiny_chat_model_dir):
+    model = apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=4, dropout=0.0))
+    samples = [{"prompt_ids": [5, 6], "completion_ids": [7, 8], "truncated": True, "advantage": 1.0,
+                "old_logps": torch.zeros(2), "ref_logps": torch.zeros(2)}] * 2
+    batch = micro_batch(samples, pad_id=0, mask_truncated=True)
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        loss, metrics = grpo.grpo_objective(model, batch, GRPOArgs(loss_type=loss_type, beta=0.1), 16)
+        loss.backward()  # on the graph, with zero gradients (DDP still syncs them)
+        assert loss.item() == 0 and metrics["count/tokens"] == 0
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
 def test_group_advantages_and_an_all_equal_group():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])  # the second group teaches nothing
     advantages, std = group_advantages(rewards, 4)
@@ -108,6 +121,19 @@ def test_group_advantages_and_an_all_equal_group():
     assert torch.allclose(advantages[:4], torch.tensor([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]))
     advantages, std = group_advantages(rewards, 4, scale_rewards="batch", batch_std=0.25)
     assert torch.allclose(advantages[:4], (first - 0.5) / (0.25 + 1e-4)) and std.eq(0.25).all()
+
+    # the log says how many groups taught nothing, and each reward's mean and std over what it scored
+    _, std = group_advantages(rewards, 4)
+    run = grpo.Run(L.Fabric(accelerator="cpu", devices=1), None, load_rewards(["number_only", "accuracy"]), [1.0, 1.0],
+                   None, TrainArgs(), GRPOArgs(num_generations=4), 0, Path())
+    per_reward = torch.stack([rewards, torch.tensor([1.0, float("nan")] * 4)], dim=1)
+    samples = [{"completion_ids": [1] * (i + 1), "truncated": i == 7} for i in range(8)]
+    metrics = grpo.rollout_metrics(run, samples, per_reward, rewards, std)
+    assert metrics["frac_reward_zero_std"] == 0.5 and metrics["reward"] == pytest.approx(0.5)
+    assert metrics["reward_std"] == pytest.approx(first.std().item() / 2)
+    assert metrics["rewards/number_only/std"] == pytest.approx(rewards.std().item())
+    assert metrics["rewards/accuracy/mean"] == 1.0 and metrics["rewards/accuracy/std"] == 0.0  # NaN: not scored
+    assert metrics["completions/mean_length"] == 4.5 and metrics["completions/clipped_ratio"] == 1 / 8
 
 
 def test_bad_grpo_options_are_user_errors():
@@ -224,17 +250,28 @@ def test_group_sampling_prefills_once_and_is_reproducible(tiny_chat_model_dir):
     assert stopped[0] == first[0][:2]  # a row ends at its stop token, kept; the others go on as they would
 
 
-def test_adapter_weights_swap_in_a_copy_and_back(tiny_chat_model_dir):
-    model = apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=4))
-    start = {name: t.detach().clone() for name, t in lora_state_dict(model).items()}
+def nonzero_adapter(model_dir, scale=0.2):
+    torch.manual_seed(0)
+    model = apply_lora(load_model(model_dir), LoRAConfig(r=4, dropout=0.0))
     for name, param in model.named_parameters():
         if "lora_B" in name:
-            param.data.normal_(0, 0.1)
+            param.data.normal_(0, scale)  # an adapter that changes the model a lot
+    return model
+
+
+def test_adapter_weights_swap_in_a_copy_and_back(tiny_chat_model_dir):
+    model = nonzero_adapter(tiny_chat_model_dir)
+    start = {name: t.detach().clone() for name, t in lora_state_dict(model).items()}
     x = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        trained, base = model(x), load_model(tiny_chat_model_dir)(x)
+        at_start = model(x)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data.add_(0.1)
+        trained = model(x)
+        assert not torch.allclose(trained, at_start)
         with adapter_weights(model, start):
-            assert torch.equal(model(x), base)  # B = 0 at the start: the base model
+            assert torch.equal(model(x), at_start)
         assert torch.equal(model(x), trained)
 
 
@@ -269,26 +306,39 @@ def test_toy_reward_rises(tiny_chat_model_dir, tmp_path):
 
 
 def run_grpo(model_dir, out_dir, prompts, reward, resume=False, **kwargs):
+    """4 steps, two on each batch of rollouts (mu = 2), with a held-out prompt validated at steps 2 and 4."""
     train = TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1,
-                      max_seq_length=64, save_interval=2)
+                      max_seq_length=64, save_interval=2, eval_interval=2)
     args = GRPOArgs(num_generations=4, max_completion_length=3, top_k=4, beta=0.1, num_iterations=2, loss_type="grpo")
-    return grpo.setup(model_dir, out_dir=out_dir, data=Prompts(json_path=prompts), reward=reward, train=train,
-                      grpo=args, lora=LoRAConfig(r=4, dropout=0.0), resume="auto" if resume else False, **kwargs)
+    return grpo.setup(model_dir, out_dir=out_dir, data=Prompts(json_path=prompts, val_split_fraction=0.1),
+                      reward=reward, train=train, grpo=args, resume="auto" if resume else False, **kwargs)
 
 
-def test_kl_starts_at_zero_and_a_resumed_run_samples_and_logs_the_same(tiny_chat_model_dir, tmp_path):
-    prompts, reward = toy_task(tiny_chat_model_dir, tmp_path)
-    run_grpo(tiny_chat_model_dir, tmp_path / "run", prompts, reward)
+def test_an_adapter_start_is_the_reference_and_a_resumed_run_samples_and_logs_the_same(tiny_chat_model_dir,
+                                                                                      tmp_path):
+    prompts, _ = toy_task(tiny_chat_model_dir, tmp_path)
+    (tmp_path / "variety.py").write_text("def variety(completion_ids, **kwargs):\n"
+                                         "    return [float(len(set(ids))) for ids in completion_ids]\n")
+    reward = f"{tmp_path / 'variety.py'}:variety"
+    save_adapter(nonzero_adapter(tiny_chat_model_dir), LoRAConfig(r=4, dropout=0.0), tmp_path / "sft",
+                 base_checkpoint=tiny_chat_model_dir)
+    run_grpo(tiny_chat_model_dir, tmp_path / "run", prompts, reward, adapter=tmp_path / "sft")
     metrics = all_logged(tmp_path / "run")
-    assert metrics["kl"][1] == 0  # fresh adapters: the policy is the reference until the first step
-    assert metrics["kl"][2] > 0 and metrics["clip_ratio/region_mean"].keys() == {1, 2, 3, 4}
-    for name in ("reward", "reward_std", "frac_reward_zero_std", "rewards/first_token/mean", "rewards/first_token/std",
+    # the policy starts as the reference (the SFT adapter); the first step on each batch of rollouts trains the
+    # policy that sampled them (ratio 1, nothing clipped)
+    assert metrics["kl"][1] == 0 and metrics["kl"][2] > 0 and metrics["kl"][3] > 0
+    assert metrics["clip_ratio/region_mean"][1] == 0 and metrics["clip_ratio/region_mean"][3] == 0
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "rewards/variety/mean", "rewards/variety/std",
                  "completions/mean_length", "completions/clipped_ratio", "entropy", "loss"):
-        assert len(metrics[name]) == 4, name
+        assert metrics[name].keys() == {1, 2, 3, 4}, name
+    assert metrics["val_reward"].keys() == metrics["val_rewards/variety/mean"].keys() == {2, 4}
+    logged_steps = [json.loads(line)["step"] for line in
+                    (tmp_path / "run" / "logs" / "version_0" / "completions.jsonl").read_text().splitlines()]
+    assert sorted(set(logged_steps)) == [1, 3]  # each batch of rollouts that has a logged step
 
     resumed = tmp_path / "resumed"  # all a kill -9 after step 2 leaves: its atomic checkpoint
     shutil.copytree(tmp_path / "run" / "step-000002", resumed / "step-000002")
-    run_grpo(tiny_chat_model_dir, resumed, prompts, reward, resume=True)
+    run_grpo(tiny_chat_model_dir, resumed, prompts, reward, resume=True, adapter=tmp_path / "sft")
     again = all_logged(resumed)
     for name, values in metrics.items():
         assert again[name] == {step: v for step, v in values.items() if step > 2}, name
@@ -310,6 +360,7 @@ def test_two_processes_sample_and_train_as_one(tiny_chat_model_dir, tmp_path):
     assert two.returncode == 0, two.stderr
     expected, got = all_logged(tmp_path / "one"), all_logged(tmp_path / "two")
     assert got.keys() == expected.keys() and len(expected["loss"]) == 2
+    assert expected["kl"][1] == 0  # fresh adapters: the reference is the base model, which the policy starts as
     for name in expected:
         assert got[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
 

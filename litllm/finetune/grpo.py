@@ -67,6 +67,7 @@ from litllm.training.state import Checkpoints, Progress, prepare_out_dir
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 Advantage = Literal["group", "rloo"]
+RESERVED = ("prompt", "completion", "completion_ids")  # data columns never passed to reward functions (as TRL)
 
 
 @dataclass
@@ -87,15 +88,17 @@ class GRPOArgs:
             kept as pi_old; with 1, pi_old is the policy itself (ratio 1) and none are computed.
         loss_type: how per-token losses become one: "grpo" averages each completion's tokens, then the completions;
             "bnpo" averages the tokens of each micro-batch; "dr_grpo" sums tokens over completions x
-            max_completion_length (Dr. GRPO, no length bias); "dapo" averages over every completion token of the step.
+            max_completion_length (Dr. GRPO, no length bias); "dapo" averages over every completion token of the step
+            (the ones in the loss: with mask_truncated_completions, not the masked ones).
         scale_rewards: divide advantages by the standard deviation of the group's rewards ("group"), of the whole
             batch's ("batch", all devices), or not at all ("none", as Dr. GRPO recommends).
         advantage: the baseline a reward is compared with: the group's mean ("group", GRPO) or the mean of the
-            other G - 1 rewards of its group ("rloo", RLOO's leave-one-out). scale_rewards applies to both.
+            other G - 1 rewards of its group ("rloo", RLOO's leave-one-out: G / (G - 1) times the group advantage, so
+            under scale_rewards "group" only the step size differs; pair it with scale_rewards "none").
         mask_truncated_completions: leave clipped completions out of the loss (DAPO): an answer cut off is no
             evidence of being right or wrong.
-        log_completions: completions written, with their rewards, to completions.jsonl in the log directory at each
-            logged step (0: none).
+        completions_to_log: completions written, with their rewards, to completions.jsonl in the log directory at
+            each logged step (0: none).
     """
 
     num_generations: int = 8
@@ -111,7 +114,7 @@ class GRPOArgs:
     scale_rewards: ScaleRewards = "group"
     advantage: Advantage = "group"
     mask_truncated_completions: bool = False
-    log_completions: int = 4
+    completions_to_log: int = 4
 
     def __post_init__(self) -> None:
         for name, choices in (("loss_type", LossType), ("scale_rewards", ScaleRewards), ("advantage", Advantage)):
@@ -130,8 +133,8 @@ class GRPOArgs:
             raise UserError(f"--grpo.temperature must be above 0 (a group of greedy answers is one answer G times), "
                             f"got {self.temperature}")
         check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.log_completions < 0:
-            raise UserError(f"--grpo.log_completions must be 0 or above, got {self.log_completions}")
+        if self.completions_to_log < 0:
+            raise UserError(f"--grpo.completions_to_log must be 0 or above, got {self.completions_to_log}")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
 
@@ -144,7 +147,7 @@ def setup(
     reward_weights: list[float] | None = None,
     train: TrainArgs = TrainArgs(lr=1e-5, global_batch_size=16, micro_batch_size=4, max_seq_length=1024),
     grpo: GRPOArgs = GRPOArgs(),
-    lora: LoRAConfig = LoRAConfig(),
+    lora: LoRAConfig = LoRAConfig(dropout=0.0),
     full: bool = False,
     adapter: Path | None = None,
     quantize: QuantizeMode | None = None,
@@ -171,7 +174,8 @@ def setup(
         train: training loop settings; batch sizes count completions (a step takes global_batch_size /
             num_generations prompts); max_seq_length bounds prompt + completion.
         grpo: rollouts and the GRPO loss.
-        lora: adapter settings (unused with --full true or --adapter).
+        lora: adapter settings (unused with --full true or --adapter). Dropout defaults to 0 here: the policy that
+            samples (without dropout) is then the one trained, so the ratio pi / pi_old starts at 1 and the KL at 0.
         full: train every weight instead of LoRA adapters (use a lower --train.lr, e.g. 1e-6); outputs are
             Hugging Face model dirs.
         adapter: a LoRA adapter dir of this checkpoint (e.g. from `litllm finetune lora`) to start from: its
@@ -215,29 +219,35 @@ def setup(
     train_data, val_data = prepare_data(fabric, data, tokenizer, train.max_seq_length - grpo.max_completion_length)
     rewards = load_rewards(specs, dtype=model_dtype(fabric), device=fabric.device)
 
-    model = load_model(checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
-    if quantize:
-        model = quantize_model(model, quantize)
-    reference: Callable[[], AbstractContextManager[nn.Module]] | None = None
+    def base_model() -> nn.Module:
+        model = load_model(checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
+        return quantize_model(model, quantize) if quantize else model
+
+    model = base_model()
+    start_adapter, frozen = None, None
     if adapter:
         lora = load_adapter(model, adapter, checkpoint_dir)
         if full:
             model = merge_lora(model)
         elif grpo.beta:  # the starting adapter is the reference: a copy of its tensors, not of the model
-            start = {name: t.detach().clone() for name, t in lora_state_dict(model).items()}
-            reference = partial(adapter_weights, model, start)
-    if full and grpo.beta:  # a frozen copy of the starting model
-        reference = partial(nullcontext, copy.deepcopy(model).eval().requires_grad_(False))
-    if full and resume_from:  # training goes on from the checkpoint's weights
-        model = load_model(resume_from, dtype=model_dtype(fabric), device=fabric.device)
+            start_adapter = {name: t.detach().clone() for name, t in lora_state_dict(model).items()}
+    if full and grpo.beta:  # the starting model is the reference: a frozen copy of it
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if resume_from:  # training goes on from the checkpoint's weights
+        if full:
+            model = load_model(resume_from, dtype=model_dtype(fabric), device=fabric.device)
+        else:
+            model = base_model() if adapter else model
+            lora = load_adapter(model, resume_from, checkpoint_dir)
+    elif not adapter and not full:
+        apply_lora(model, lora)
     if full:
         model.requires_grad_(True)
-    elif resume_from:
-        lora = load_adapter(model, resume_from, checkpoint_dir)
-    elif not adapter:
-        apply_lora(model, lora)
-    if grpo.beta and reference is None:  # fresh adapters: the reference is the base model, adapters off
-        reference = partial(disable_adapters, model)
+    reference: Callable[[], AbstractContextManager[nn.Module]] | None = None
+    if grpo.beta:
+        reference = (partial(nullcontext, frozen) if full else
+                     partial(adapter_weights, model, start_adapter) if start_adapter is not None else
+                     partial(disable_adapters, model))  # fresh adapters: the base model, adapters off
     fabric.print(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, trainable=False):,}")
     total_steps = grpo_total_steps(train, grpo, len(train_data))
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train, total_steps, resume_from)
@@ -318,22 +328,24 @@ class Run:
 # ------------------------------------------------------------------------------------------------ rollouts
 
 
-def sampling_seed(seed: int, rollout: int, prompt: int) -> int:
-    """The seed of one prompt's sampling at one rollout step: a function of (run seed, rollout step, prompt index)
-    only, so any device, in any run that reaches this step, draws the same completions."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rollout}:{prompt}".encode()).digest()[:8], "little") >> 1
+def sampling_seed(seed: int, rollout: int, slot: int) -> int:
+    """The seed of one group's sampling: a function of (run seed, rollout step, the group's place in the step's
+    batch of prompts) only, so any device, in any run that reaches this step, draws the same completions (and a prompt
+    that comes twice in one batch gets two different groups)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rollout}:{slot}".encode()).digest()[:8], "little") >> 1
 
 
 @torch.no_grad()
-def rollouts(run: Run, model: nn.Module, dataset: PromptDataset, indices: list[int], rollout: int
+def rollouts(run: Run, model: nn.Module, dataset: PromptDataset, indices: list[int], rollout: int, first_slot: int
              ) -> list[dict[str, Any]]:
     """G sampled completions of each prompt at `indices` (prompt-major: a prompt's group is consecutive), each
-    {"prompt_index", "prompt_ids", "completion_ids", "truncated"}. `model` is the unwrapped module, in eval mode."""
+    {"prompt_index", "prompt_ids", "completion_ids", "truncated"}; these prompts are the step's batch from place
+    `first_slot` on. `model` is the unwrapped module, in eval mode."""
     grpo, fabric = run.grpo, run.fabric
     samples = []
-    for index in indices:
+    for slot, index in enumerate(indices, start=first_slot):
         prompt_ids = dataset[index]["prompt_ids"]
-        generator = torch.Generator(fabric.device).manual_seed(sampling_seed(run.seed, rollout, index))
+        generator = torch.Generator(fabric.device).manual_seed(sampling_seed(run.seed, rollout, slot))
         with fabric.autocast():
             completions = sample_continuations(model, prompt_ids, grpo.num_generations, grpo.max_completion_length,
                                                grpo.temperature, grpo.top_k, grpo.top_p, run.tokenizer.stop_ids,
@@ -354,12 +366,29 @@ def score(run: Run, dataset: PromptDataset, samples: list[dict[str, Any]]) -> to
     # as TRL: a chat prompt's completion is a message, a string prompt's a string
     completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
                    for prompt, text in zip(prompts, texts)]
-    columns = {key: [row["columns"].get(key) for row in rows] for key in rows[0]["columns"]}
+    # every column any row has (None where a row lacks it), but the names TRL keeps for itself
+    keys = [key for key in dict.fromkeys(k for row in rows for k in row["columns"]) if key not in RESERVED]
+    columns = {key: [row["columns"].get(key) for row in rows] for key in keys}
     ids = [s["completion_ids"] for s in samples]
     scores = [reward(prompts, completions, ids, columns) for reward in run.rewards]
     for sample, text in zip(samples, texts):
         sample["completion"] = text
     return torch.tensor(scores, dtype=torch.float32).T
+
+
+def score_everywhere(run: Run, dataset: PromptDataset, samples: list[dict[str, Any]]) -> torch.Tensor:
+    """`score`, where a reward that fails on any device stops every device (none is left waiting for the others)."""
+    try:
+        scores, failure = score(run, dataset, samples), None
+    except UserError as error:
+        scores, failure = None, error
+    fabric = run.fabric
+    failed = torch.tensor(int(failure is not None), device=fabric.device)
+    if fabric.world_size > 1 and int(fabric.all_reduce(failed, reduce_op="max")) and failure is None:
+        raise UserError("a reward failed on another process (its message is above); stopping here too")
+    if failure is not None:
+        raise failure
+    return scores
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, advantage: str = "group",
@@ -461,7 +490,8 @@ def micro_batch(samples: list[dict[str, Any]], pad_id: int, mask_truncated: bool
     batch["advantages"] = torch.tensor([s["advantage"] for s in samples], dtype=torch.float32)
     for key in ("old_logps", "ref_logps"):
         if key in samples[0]:
-            batch[key] = torch.cat([s[key] for s in samples if not (mask_truncated and s["truncated"])])
+            kept = [s[key] for s in samples if not (mask_truncated and s["truncated"])]
+            batch[key] = torch.cat(kept) if kept else torch.zeros(0)
     return batch
 
 
@@ -500,17 +530,18 @@ def add_logps(run: Run, model: nn.Module, samples: list[dict[str, Any]], key: st
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def rollout_batch(run: Run, model: nn.Module, dataset: PromptDataset, indices: list[int], rollout: int
-                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """This device's completions of the prompts at `indices`, scored, with advantages (and pi_old's and the
-    reference's log-probs where the loss needs them), and the rollout metrics over all devices."""
+def rollout_batch(run: Run, model: nn.Module, dataset: PromptDataset, indices: list[int], rollout: int,
+                  first_slot: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """This device's completions of the prompts at `indices` (the step's batch from place `first_slot` on), scored,
+    with advantages (and pi_old's and the reference's log-probs where the loss needs them), and the rollout metrics
+    over all devices."""
     fabric, grpo = run.fabric, run.grpo
     raw = model.module  # no DDP hooks: sampling and scoring need no gradients, and devices sample apart
     raw.eval()
     started = time.perf_counter()
-    samples = rollouts(run, raw, dataset, indices, rollout)
+    samples = rollouts(run, raw, dataset, indices, rollout, first_slot)
     generated = time.perf_counter()
-    per_reward = score(run, dataset, samples)
+    per_reward = score_everywhere(run, dataset, samples)
     rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
     batch_std = global_std(fabric, rewards) if grpo.scale_rewards == "batch" else None
     advantages, std = group_advantages(rewards, grpo.num_generations, grpo.advantage, grpo.scale_rewards, batch_std)
@@ -569,8 +600,10 @@ def fit(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                                   run.seed, progress)
     while progress.step < total_steps:
         indices = next(prompt_batches)
-        mine = indices[fabric.global_rank * per_device:(fabric.global_rank + 1) * per_device]
-        samples, rollout_log = rollout_batch(run, model, train_data, mine, progress.step // grpo.num_iterations)
+        first = fabric.global_rank * per_device
+        samples, rollout_log = rollout_batch(run, model, train_data, indices[first:first + per_device],
+                                             progress.step // grpo.num_iterations, first)
+        first_step = progress.step + 1
         for iteration in range(grpo.num_iterations):
             started = time.perf_counter()
             metrics, tokens = train_step(run, model, optimizer, samples)
@@ -584,8 +617,8 @@ def fit(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                 metrics |= validate(run, model, val_data, progress.step)
                 fabric.print(f"step {progress.step}: val reward {metrics['val_reward']:.4f}")
             log.step(progress.step, metrics, tokens=tokens, seconds=seconds)
-            if iteration == 0:
-                write_completions(run, progress.step, samples, train_data)
+        if any(step == 1 or step % args.log_interval == 0 for step in range(first_step, progress.step + 1)):
+            write_completions(run, first_step, samples, train_data)
         # every --train.save_interval steps, and at once when the run is told to stop (SIGTERM, Ctrl-C)
         checkpoints.after_step(model, optimizer, scheduler, progress, total_steps)
     log.close()
@@ -632,20 +665,19 @@ def validate(run: Run, model: nn.Module, val_data: PromptDataset, step: int) -> 
     mine = prompts[fabric.global_rank * share:(fabric.global_rank + 1) * share]
     raw = model.module
     raw.eval()
-    samples = rollouts(run, raw, val_data, mine, rollout=-1)
+    samples = rollouts(run, raw, val_data, mine, rollout=-1, first_slot=fabric.global_rank * share)
     raw.train()
-    per_reward = score(run, val_data, samples)
+    per_reward = score_everywhere(run, val_data, samples)
     rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
     std = group_advantages(rewards, grpo.num_generations)[1] if samples else rewards
     return rollout_metrics(run, samples, per_reward, rewards, std, prefix="val_")
 
 
 def write_completions(run: Run, step: int, samples: list[dict[str, Any]], dataset: PromptDataset) -> None:
-    """A few of the first device's completions with their rewards, as JSON lines in completions.jsonl beside the
-    metrics, at the first step and every --train.log_interval steps: what the model writes, and what each reward made
-    of it."""
-    args, n = run.train, run.grpo.log_completions
-    if not n or run.fabric.global_rank or (step % args.log_interval and step != 1):
+    """A few of the first device's completions of the rollouts for `step` with their rewards, as JSON lines in
+    completions.jsonl beside the metrics: what the model writes, and what each reward made of it."""
+    n = run.grpo.completions_to_log
+    if not n or run.fabric.global_rank:
         return
     run.log_dir.mkdir(parents=True, exist_ok=True)
     with (run.log_dir / "completions.jsonl").open("a", encoding="utf-8") as file:

@@ -55,8 +55,6 @@ def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     Log-softmax in float32 over the whole vocabulary. With gradients enabled, each chunk's logits are recomputed in
     backward rather than kept.
     """
-    if not len(targets):
-        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
     return _by_chunks(_chunk_logprobs, lm_head, hidden, targets, chunk_size)
 
 
@@ -65,8 +63,6 @@ def token_logprobs_and_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets
     """log p(target) (N,) as token_logprobs computes it, but from the logits divided by `temperature` (the
     distribution a sampler at that temperature draws from), and the entropy (N,) of each of those N distributions,
     in nats (detached: a metric, e.g. of how freely a policy still samples)."""
-    if not len(targets):
-        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
     logprobs, entropy = _by_chunks(partial(_chunk_logprobs_and_entropy, temperature=temperature), lm_head, hidden,
                                    targets, chunk_size)
     return logprobs, entropy.detach()
@@ -75,10 +71,11 @@ def token_logprobs_and_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets
 def _by_chunks(function, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`function(lm_head, hidden chunk, targets chunk)` -> two (chunk,) tensors, over chunks of at most `chunk_size`
-    tokens, concatenated; with gradients enabled each chunk's logits are recomputed in backward rather than kept."""
+    tokens, concatenated; with gradients enabled each chunk's logits are recomputed in backward rather than kept.
+    No tokens is one empty chunk, whose results still hang off the graph (a backward through them gives zeros)."""
     pieces = [checkpoint(function, lm_head, h, t, use_reentrant=False) if torch.is_grad_enabled()
               else function(lm_head, h, t)
-              for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size))]
+              for h, t in zip(hidden.split(max(chunk_size, 1)), targets.split(max(chunk_size, 1)))]
     first, second = zip(*pieces)
     return torch.cat(first), torch.cat(second)
 
