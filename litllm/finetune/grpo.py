@@ -20,9 +20,10 @@ The reference (beta > 0): with fresh LoRA adapters, the model with its adapters 
 copy of that adapter's small A/B tensors swapped in; with --full, a frozen copy of the whole model (twice the weights'
 memory). With beta 0 (the default) there is no reference pass at all.
 
-Rollouts: each prompt is prefilled once and its G answers decode together in the KV cache. Sampling draws from a
-generator seeded by (seed, rollout step, prompt), so a resumed run (--resume auto, even after kill -9) and a run on
-more devices sample what one uninterrupted process does.
+Rollouts: each prompt is prefilled once and its G answers decode together in the KV cache (under FSDP with the full
+weights gathered once per batch of rollouts, so devices sample apart). Sampling draws from a generator seeded by
+(seed, rollout step, the prompt's place in the step's batch), so a resumed run (--resume auto, even after kill -9)
+and a run on more devices sample what one uninterrupted process does.
 
 setup() builds Fabric, the model, the data, the rewards and the optimizer; fit() is the loop, rollouts() the sampling,
 group_advantages() and grpo_token_loss() with aggregate() the objective, all here to edit. The mechanics they call
@@ -58,7 +59,7 @@ from litllm.quantize import QuantizeMode, quantize_model
 from litllm.rewards import Reward, load_rewards
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
-from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.fabric import check_strategy, full_weights, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_validated, mean_over_devices, prepare_data,
                                   setup_training, step_indices)
 from litllm.training.losses import target_hidden, token_logprobs_and_entropy
@@ -196,9 +197,6 @@ def setup(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     check_strategy(strategy, optimizer, quantize)
-    if strategy == "fsdp":  # sampling under FSDP needs every process to decode in lockstep: not built yet
-        raise UserError("--strategy fsdp does not work with GRPO yet (sampling would need every process to decode in "
-                        "step); use --strategy ddp, with LoRA or QLoRA (--quantize) to fit a larger model")
     specs = [reward] if isinstance(reward, str) else list(reward or [])
     if not specs:
         raise UserError("name at least one reward: --reward accuracy, --reward FILE.py:function, or --reward DIR "
@@ -536,23 +534,26 @@ def rollout_batch(run: Run, model: nn.Module, dataset: PromptDataset, indices: l
     with advantages (and pi_old's and the reference's log-probs where the loss needs them), and the rollout metrics
     over all devices."""
     fabric, grpo = run.fabric, run.grpo
-    raw = model.module  # no DDP hooks: sampling and scoring need no gradients, and devices sample apart
-    raw.eval()
-    started = time.perf_counter()
-    samples = rollouts(run, raw, dataset, indices, rollout, first_slot)
-    generated = time.perf_counter()
-    per_reward = score_everywhere(run, dataset, samples)
-    rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
-    batch_std = global_std(fabric, rewards) if grpo.scale_rewards == "batch" else None
-    advantages, std = group_advantages(rewards, grpo.num_generations, grpo.advantage, grpo.scale_rewards, batch_std)
-    for s, reward, advantage, per in zip(samples, rewards.tolist(), advantages.tolist(), per_reward.tolist()):
-        s["reward"], s["advantage"], s["rewards"] = reward, advantage, per
-    if grpo.num_iterations > 1:
-        add_logps(run, raw, samples, "old_logps")
-    if run.reference is not None:
-        with run.reference() as reference:
-            add_logps(run, reference, samples, "ref_logps")
-    raw.train()
+    # no DDP hooks, and under FSDP the full weights gathered once: each device samples on its own, stopping when its
+    # answers end, with no collective per token
+    with full_weights(model.module) as raw:
+        raw.eval()
+        started = time.perf_counter()
+        samples = rollouts(run, raw, dataset, indices, rollout, first_slot)
+        generated = time.perf_counter()
+        per_reward = score_everywhere(run, dataset, samples)
+        rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
+        batch_std = global_std(fabric, rewards) if grpo.scale_rewards == "batch" else None
+        advantages, std = group_advantages(rewards, grpo.num_generations, grpo.advantage, grpo.scale_rewards,
+                                           batch_std)
+        for s, reward, advantage, per in zip(samples, rewards.tolist(), advantages.tolist(), per_reward.tolist()):
+            s["reward"], s["advantage"], s["rewards"] = reward, advantage, per
+        if grpo.num_iterations > 1:
+            add_logps(run, raw, samples, "old_logps")
+        if run.reference is not None:
+            with run.reference() as reference:
+                add_logps(run, reference, samples, "ref_logps")
+        raw.train()
     scored = time.perf_counter()
     metrics = rollout_metrics(run, samples, per_reward, rewards, std)
     tokens = sum(len(s["completion_ids"]) for s in samples)
@@ -663,10 +664,10 @@ def validate(run: Run, model: nn.Module, val_data: PromptDataset, step: int) -> 
     prompts = examples_validated(len(val_data), run.train)
     share = math.ceil(len(prompts) / fabric.world_size)
     mine = prompts[fabric.global_rank * share:(fabric.global_rank + 1) * share]
-    raw = model.module
-    raw.eval()
-    samples = rollouts(run, raw, val_data, mine, rollout=-1, first_slot=fabric.global_rank * share)
-    raw.train()
+    with full_weights(model.module) as raw:
+        raw.eval()
+        samples = rollouts(run, raw, val_data, mine, rollout=-1, first_slot=fabric.global_rank * share)
+        raw.train()
     per_reward = score_everywhere(run, val_data, samples)
     rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
     std = group_advantages(rewards, grpo.num_generations)[1] if samples else rewards

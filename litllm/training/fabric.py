@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
@@ -133,6 +135,26 @@ class FullySharded(ModelParallelStrategy):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
+
+
+@contextmanager
+def full_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every FSDP-sharded part of `module` holds its full weights, gathered once and kept through
+    any number of forward passes, so each process may run forwards of its own (sampling, which stops at a different
+    step on each) with no collective per forward. It costs a full copy of the weights per device meanwhile. Outside
+    FSDP nothing changes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for part in sharded:
+        part.unshard()
+        part.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield module
+    finally:
+        for part in sharded:  # as FSDP2 sets them: blocks reshard after forward, the root keeps its weights
+            part.set_reshard_after_forward(part is not module, recurse=False)
+            part.reshard()
 
 
 def empty_copy(module: nn.Module) -> nn.Module:
