@@ -2,6 +2,7 @@
 (and its YAML config schema), and user mistakes end in one line with exit code 2."""
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 
@@ -15,9 +16,6 @@ class OneLineErrorParser(ArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         message = " ".join(message.split())
-        if repeated := re.search(r"unrecognized arguments: --([\w.]+)\+", message):  # see repeated_as_appends
-            print(f"error: --{repeated.group(1)} is given more than once, but it takes one value", file=sys.stderr)
-            sys.exit(2)
         parser = self
         if match := re.search(r"Subcommand '([\w-]+)' does not accept", message):  # a key in a --config file
             parser = _subcommand_parser(self, match.group(1)) or self
@@ -34,11 +32,20 @@ def _subcommand_parser(parser: ArgumentParser, name: str) -> ArgumentParser | No
     return subcommands._name_parser_map.get(name) if subcommands else None
 
 
-def repeated_as_appends(args: list[str]) -> list[str]:
-    """An option given more than once adds each value to its list (`--reward a --reward b`, jsonargparse's
-    `--reward+ a --reward+ b`); an option that takes one value then fails to parse, and says so."""
+def repeated_as_appends(components, args: list[str]) -> list[str]:
+    """A list option of the command given more than once collects every value (`--reward a --reward b` is
+    jsonargparse's `--reward+ a --reward+ b`); any other option given twice keeps the last value, as before."""
+    function = components
+    for arg in args:  # the subcommand's function, in a dict of them (nested as typed)
+        if not isinstance(function, dict):
+            break
+        function = function.get(arg, function)
+    if isinstance(function, dict):
+        return args
+    lists = {f"--{name}" for name, parameter in inspect.signature(function).parameters.items()
+             if "list[" in str(parameter.annotation)}
     names = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
-    repeated = {name for name in names if names.count(name) > 1 and name not in ("--config", "--print_config")}
+    repeated = {name for name in names if names.count(name) > 1 and name in lists}
     return [arg.replace(name, f"{name}+", 1) if arg.startswith("--") and (name := arg.split("=", 1)[0]) in repeated
             else arg for arg in args]
 
@@ -48,7 +55,7 @@ def run(components, args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
     try:
-        auto_cli(components, args=repeated_as_appends(sys.argv[1:] if args is None else args), as_positional=True, parser_class=OneLineErrorParser)
+        auto_cli(components, args=repeated_as_appends(components, sys.argv[1:] if args is None else args), as_positional=True, parser_class=OneLineErrorParser)
     except UserError as e:
         # a mistake the user can fix: one line, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -109,14 +109,17 @@ def test_every_finetune_config_parses(config, capsys):
     assert "checkpoint_dir: checkpoints/" in printed.out
 
 
-def test_an_option_given_twice_adds_to_a_list_and_is_refused_where_it_takes_one_value(capsys):
+def test_a_list_option_given_twice_collects_both_and_any_other_keeps_the_last(capsys):
     from litllm.commands import main
 
     with pytest.raises(SystemExit) as exit:
-        main(["finetune", "grpo", "ckpt", "--reward", "accuracy", "--reward=rm/final", "--print_config"])
+        main(["finetune", "grpo", "ckpt", "--reward", "accuracy", "--reward=rm/final", "--train.lr", "1e-3",
+              "--train.lr", "2e-3", "--print_config"])
     assert exit.value.code in (0, None)
-    assert "reward:\n- accuracy\n- rm/final\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reward:\n- accuracy\n- rm/final\n" in printed and "lr: 0.002\n" in printed
     with pytest.raises(SystemExit) as exit:
-        main(["generate", "ckpt", "--max_new_tokens", "8", "--max_new_tokens", "9"])
-    assert exit.value.code == 2
-    assert capsys.readouterr().err == "error: --max_new_tokens is given more than once, but it takes one value\n"
+        main(["generate", "ckpt", "--stop", "a", "--stop", "b", "--max_new_tokens", "8", "--max_new_tokens", "9",
+              "--print_config"])
+    printed = capsys.readouterr().out
+    assert "stop:\n- a\n- b\n" in printed and "max_new_tokens: 9\n" in printed

@@ -20,7 +20,7 @@ from litllm.lora import LoRAConfig, apply_lora, disable_adapters, save_adapter
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import TrainArgs
 from litllm.training.losses import sequence_logprobs
-from runs import logged
+from runs import litllm, logged
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_demo.jsonl"
 MARKER = "\n\nAssistant:"
@@ -286,6 +286,22 @@ def test_full_dpo_saves_a_hf_dir_transformers_loads_and_resumes_exactly(tiny_cha
         torch.testing.assert_close(ours(x), reference(x).logits, atol=1e-4, rtol=0)
         assert not torch.allclose(ours(x), load_model(tiny_chat_model_dir)(x))  # the weights moved
     assert_resumes_with_the_same_metrics(tiny_chat_model_dir, tmp_path / "run", tmp_path, full=True)
+
+
+def test_two_fsdp_processes_split_the_reference_scoring_and_validation_and_equal_one(tiny_chat_model_dir, tmp_path):
+    run_dpo(tiny_chat_model_dir, tmp_path / "one", full=True)
+    result = litllm("finetune", "dpo", tiny_chat_model_dir, "--data", "Preference", "--data.json_path",
+                    tmp_path / "pairs.jsonl", "--data.val_split_fraction", "0.2", "--train.global_batch_size", "4",
+                    "--train.micro_batch_size", "2", "--train.max_steps", "4", "--train.max_seq_length", "96",
+                    "--train.lr", "1e-3", "--train.warmup_steps", "1", "--train.eval_interval", "2",
+                    "--train.save_interval", "2", "--full", "true", "--devices", "2", "--strategy", "fsdp",
+                    "--out_dir", tmp_path / "two")
+    assert result.returncode == 0, result.stderr
+    # FSDP's sharded gradient reduction rounds differently: weights after a step differ in float32's last bits, and a
+    # log-prob summed over ~100 tokens (~ -200) resolves to ~2e-5, so a reward, 0.1 x a difference of two, to ~4e-6
+    for key in ("loss", "rewards/margins", "logps/chosen", "val_loss", "val_rewards/margins"):
+        expected = logged(tmp_path / "one", key)
+        assert expected and logged(tmp_path / "two", key) == pytest.approx(expected, rel=1e-5, abs=5e-6), key
 
 
 def test_dpo_from_an_sft_adapter_uses_it_as_reference_and_resumes_exactly(tiny_chat_model_dir, tmp_path):

@@ -154,7 +154,8 @@ def test_interrupted_lora_runs_resume_with_the_same_loss_curve(tiny_chat_model_d
 
 
 def test_two_process_fsdp_lora_equals_one_process(tiny_chat_model_dir, tmp_path):
-    """Each process holds half of every weight and adapter; padded batches differ in length between processes."""
+    """Each process holds half of every weight and adapter; padded batches differ in length between processes; each
+    validates its share of the validation set."""
     steps = ["--train.max_steps", "3", "--train.global_batch_size", "8", "--lora.dropout", "0"]
     one = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "one", *steps))
     assert one.returncode == 0, one.stderr
@@ -163,6 +164,9 @@ def test_two_process_fsdp_lora_equals_one_process(tiny_chat_model_dir, tmp_path)
     assert two.returncode == 0, two.stderr
     assert len(logged(tmp_path / "one")) == 3
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-6)
+    # validation split over the processes (5 micro-batches: 3 and 2, in lockstep) gives one process's number
+    assert len(logged(tmp_path / "one", "val_loss")) == 1
+    assert logged(tmp_path / "two", "val_loss") == pytest.approx(logged(tmp_path / "one", "val_loss"), rel=1e-6)
     adapters = [load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("one", "two")]
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:

@@ -41,7 +41,8 @@ from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated,
-                                  fixed_micro_batches, prepare_data, setup_training, step_batches, validate)
+                                  fixed_micro_batches, prepare_data, setup_training, split_over_devices, step_batches,
+                                  validate)
 from litllm.training.losses import count_row_targets, sequence_logprobs
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir, saved_progress
 
@@ -287,16 +288,23 @@ def add_reference_logps(fabric: L.Fabric, model, dataset: PreferenceDataset, nee
     reference.
 
     Pairs go through in fixed micro-batches (see fixed_micro_batches), so a resumed run computes bit for bit the
-    reference the uninterrupted one did.
+    reference the uninterrupted one did; each device scores its share of them (see split_over_devices).
     """
     model.eval()
     batches = fixed_micro_batches(needed, args.micro_batch_size, len(dataset))
-    for indices in tqdm(batches, desc="Reference log-probs", disable=not sys.stderr.isatty()
-                        or fabric.global_rank > 0 or len(batches) < 10):
+    progress = tqdm(total=len(batches), desc="Reference log-probs", disable=not sys.stderr.isatty()
+                    or fabric.global_rank > 0 or len(batches) < 10)
+
+    def score(indices: list[int]) -> torch.Tensor:
         batch = fabric.to_device(dataset.collate([dataset[i] for i in indices]))
         with fabric.autocast():
-            chosen, rejected = sequence_logprobs(model, batch, args.loss_chunk_size).cpu().chunk(2)
-        dataset.set_reference_logps(indices, chosen, rejected)
+            logps = sequence_logprobs(model, batch, args.loss_chunk_size).cpu()
+        progress.update(fabric.world_size)
+        return logps
+
+    for indices, logps in zip(batches, split_over_devices(fabric, batches, score)):
+        dataset.set_reference_logps(indices, *logps.chunk(2))
+    progress.close()
 
 
 def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,

@@ -44,7 +44,8 @@ from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated,
-                                  fixed_micro_batches, prepare_data, setup_training, step_batches, validate)
+                                  fixed_micro_batches, prepare_data, setup_training, split_over_devices, step_batches,
+                                  validate)
 from litllm.training.losses import sequence_logprobs
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir, saved_progress
 
@@ -200,7 +201,7 @@ def check_balance(fabric: L.Fabric, train_data: UnpairedDataset, args: KTOArgs) 
                  f"(or --kto.undesirable_weight {args.undesirable_weight * ratio / target:.3g})")
 
 
-def kto_objective(fabric: L.Fabric, model: nn.Module, batch: dict[str, torch.Tensor], args: KTOArgs,
+def kto_objective(fabric: L.Fabric | None, model: nn.Module, batch: dict[str, torch.Tensor], args: KTOArgs,
                   chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective: the KTO loss summed over a batch of examples (see UnpairedDataset.collate), and the metrics
     as TRL names them, as sums (see kto_metrics).
@@ -230,12 +231,13 @@ def kl_sequences(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"]}
 
 
-def kl_estimate(fabric: L.Fabric, policy_kl: torch.Tensor, reference_kl: torch.Tensor) -> torch.Tensor:
+def kl_estimate(fabric: L.Fabric | None, policy_kl: torch.Tensor, reference_kl: torch.Tensor) -> torch.Tensor:
     """KTO's reference point z from the log-probs (B,) of a micro-batch's KL sequences, estimated as TRL does: the
-    mean over the micro-batch of log pi - log ref, averaged over devices, detached (the paper's z_ref: no gradient
-    flows through it) and clamped at 0 (a KL divergence is never negative, though this estimate of one can be)."""
+    mean over the micro-batch of log pi - log ref, averaged over devices (with no fabric: this micro-batch's own, as
+    validation takes it), detached (the paper's z_ref: no gradient flows through it) and clamped at 0 (a KL
+    divergence is never negative, though this estimate of one can be)."""
     kl = (policy_kl - reference_kl).mean().detach()
-    return fabric.all_reduce(kl, reduce_op="mean").clamp(min=0)
+    return (kl if fabric is None else fabric.all_reduce(kl, reduce_op="mean")).clamp(min=0)
 
 
 def kto_loss(policy: torch.Tensor, reference: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor, beta: float,
@@ -297,17 +299,24 @@ def add_reference_logps(fabric: L.Fabric, model, dataset: UnpairedDataset, neede
     the dataset, as the KTO reference.
 
     Examples go through in fixed micro-batches (see fixed_micro_batches), so a resumed run computes bit for bit the
-    reference the uninterrupted one did.
+    reference the uninterrupted one did; each device scores its share of them (see split_over_devices).
     """
     model.eval()
     batches = fixed_micro_batches(needed, args.micro_batch_size, len(dataset))
-    for indices in tqdm(batches, desc="Reference log-probs", disable=not sys.stderr.isatty()
-                        or fabric.global_rank > 0 or len(batches) < 10):
+    progress = tqdm(total=len(batches), desc="Reference log-probs", disable=not sys.stderr.isatty()
+                    or fabric.global_rank > 0 or len(batches) < 10)
+
+    def score(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = fabric.to_device(dataset.collate([dataset[i] for i in indices]))
         with fabric.autocast():
             logps = sequence_logprobs(model, batch, args.loss_chunk_size)
             kl_logps = sequence_logprobs(model, kl_sequences(batch), args.loss_chunk_size)
-        dataset.set_reference_logps(indices, logps.cpu(), kl_logps.cpu())
+        progress.update(fabric.world_size)
+        return logps.cpu(), kl_logps.cpu()
+
+    for indices, (logps, kl_logps) in zip(batches, split_over_devices(fabric, batches, score)):
+        dataset.set_reference_logps(indices, logps, kl_logps)
+    progress.close()
 
 
 def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
@@ -318,8 +327,8 @@ def fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, sc
     total_steps = args.total_steps(len(train_data))
     log = StepLog(fabric, args, total_steps, progress.step)
 
-    def objective(model, batch):
-        return kto_objective(fabric, model, batch, kto, args.loss_chunk_size)
+    def objective(model, batch):  # validation: each micro-batch's own KL estimate, as on one device
+        return kto_objective(None, model, batch, kto, args.loss_chunk_size)
 
     batches = step_batches(train_data, args, seed, progress, fabric)
     while progress.step < total_steps:

@@ -12,7 +12,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import get_args
+from typing import Any, TypeVar, get_args
 
 import lightning_fabric as L
 import torch
@@ -25,6 +25,8 @@ from litllm.tokenizer import Tokenizer
 from litllm.training.args import OptimizerName, TrainArgs
 from litllm.training.state import Progress, load_training_state
 
+T = TypeVar("T")
+R = TypeVar("R")
 # (model, batch) -> (loss summed over the batch's units, metrics summed over them)
 Objective = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -198,22 +200,46 @@ def add_to(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> No
             sums[name] = sums[name] + value
 
 
+def split_over_devices(fabric: L.Fabric, batches: list[T], score: Callable[[T], R]) -> list[R]:
+    """`score(batch)` of every batch, on every device: each device scores every world_size-th batch, and the results
+    are gathered to all, in order. Devices go in lockstep (FSDP's forward gathers weights from every device): one
+    with no batch left in a round scores one of its own again and drops the result."""
+    rank, world_size = fabric.global_rank, fabric.world_size
+    mine = list(range(rank, len(batches), world_size))
+    results: dict[int, R] = {}
+    for round_ in range(math.ceil(len(batches) / world_size)):
+        index = mine[round_] if round_ < len(mine) else mine[0] if mine else 0
+        result = score(batches[index])
+        if round_ < len(mine):
+            results[index] = result
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, results)
+        results = {index: result for part in gathered for index, result in part.items()}
+    return [results[index] for index in range(len(batches))]
+
+
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: nn.Module, val_data: TrainingDataset, args: TrainArgs, objective: Objective,
              count: Callable[[dict[str, torch.Tensor]], int]) -> dict[str, float]:
-    """The objective's mean loss and metrics per unit over the validation set, named val_* (every device computes
-    the same numbers)."""
+    """The objective's mean loss and metrics per unit over the validation set, named val_*: each device scores its
+    share of the micro-batches (see split_over_devices), and every device gets the numbers one device would."""
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    units = 0
     validated = examples_validated(len(val_data), args)
-    for start in range(0, len(validated), args.micro_batch_size):
-        batch = val_data.collate([val_data[j] for j in validated[start:start + args.micro_batch_size]])
-        batch = fabric.to_device(batch)
+    batches = [validated[start:start + args.micro_batch_size]
+               for start in range(0, len(validated), args.micro_batch_size)]
+
+    def score(indices: list[int]) -> tuple[dict[str, float], int]:
+        batch = fabric.to_device(val_data.collate([val_data[j] for j in indices]))
         with fabric.autocast():
             loss, metrics = objective(model, batch)
-        add_to(sums, {"loss": loss, **metrics})
-        units += count(batch)
+        return {name: float(value) for name, value in {"loss": loss, **metrics}.items()}, count(batch)
+
+    sums: dict[str, torch.Tensor] = {}
+    units = 0
+    for metrics, batch_units in split_over_devices(fabric, batches, score):  # summed in batch order, as one device
+        add_to(sums, {name: torch.tensor(value, dtype=torch.float64) for name, value in metrics.items()})
+        units += batch_units
     model.train()
     return {f"val_{name}": float(total) if name.startswith(("min_", "max_")) else float(total) / max(units, 1)
             for name, total in sums.items()}
