@@ -173,6 +173,36 @@ def test_two_process_fsdp_lora_equals_one_process(tiny_chat_model_dir, tmp_path)
         torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_fsdp_mixed_precision_gathers_bf16_copies_of_float32_shards(tiny_chat_model_dir, tmp_path):
+    """bf16-mixed under FSDP: blocks compute with bfloat16 copies of the weights (half the bytes gathered), while the
+    shards and their gradients stay float32; two processes train as one, within bfloat16's precision."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from litllm.training.fabric import FullySharded
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+        model = FullySharded(1, torch.bfloat16).shard_blocks(load_model(tiny_chat_model_dir), mesh)
+        seen = []
+        model.layers[0].attn.q_proj.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+        shard = model.layers[0].attn.q_proj.weight
+        assert seen == [torch.bfloat16] and shard.dtype == shard.grad.dtype == torch.float32
+    finally:
+        dist.destroy_process_group()
+
+    steps = ["--train.max_steps", "3", "--precision", "bf16-mixed", "--train.eval_max_batches", "2"]
+    one = litllm("finetune", "full", tiny_chat_model_dir, *train_args(tmp_path / "one", *steps))
+    assert one.returncode == 0, one.stderr
+    two = litllm("finetune", "full", tiny_chat_model_dir, *train_args(tmp_path / "two", *steps, "--devices", "2",
+                                                                      "--strategy", "fsdp"))
+    assert two.returncode == 0, two.stderr
+    assert len(logged(tmp_path / "one")) == 3
+    assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=4e-3)  # bfloat16: 8 bits
+
+
 def test_two_process_run_resumes_each_process_with_its_own_dropout_state(tiny_chat_model_dir, tmp_path):
     steps = ["--train.max_steps", "4", "--train.save_interval", "2", "--devices", "2", "--strategy", "fsdp"]
     reference = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "ref", *steps))

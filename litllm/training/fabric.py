@@ -46,10 +46,13 @@ def setup_fabric(out_dir: Path, precision: str | None, logger: LoggerName, devic
     Launched by `fabric run`, `torchrun` or SLURM, Fabric takes ranks and addresses from their environment; run
     plainly with devices > 1, it starts the other processes itself.
     """
+    precision = precision or default_precision()
+    if strategy == "fsdp":
+        compute_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        strategy = FullySharded(devices * num_nodes, compute_dtype)
     try:
-        fabric = L.Fabric(devices=devices, num_nodes=num_nodes,
-                          strategy=FullySharded(devices * num_nodes) if strategy == "fsdp" else strategy,
-                          precision=precision or default_precision(), loggers=[metrics_logger(logger, out_dir)])
+        fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
+                          loggers=[metrics_logger(logger, out_dir)])
     except ValueError as e:  # Fabric's message lists the valid precisions
         raise UserError(f"--precision: {' '.join(str(e).split())}") from None
     fabric.launch()
@@ -119,21 +122,27 @@ class FullySharded(ModelParallelStrategy):
 
     (Fabric's FSDPStrategy wraps the older FSDP1 API, which runs on GPUs only; FSDP2 also runs on CPUs with gloo.)
     Remembers the model's unsharded structure, without data, into which checkpoints gather the full weights.
+
+    With a mixed precision (`compute_dtype` bfloat16 or float16) the weights are gathered in that dtype, half the
+    bytes of float32 on the wire and in memory, while the shards, the optimizer and the gradient reduction stay in
+    float32 (FSDP2's MixedPrecisionPolicy).
     """
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(self.shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1,
                          save_distributed_checkpoint=False)
         self.layout: nn.Module | None = None
+        self.compute_dtype = compute_dtype
 
     def shard_blocks(self, model: nn.Module, device_mesh) -> nn.Module:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.layout = empty_copy(model)
         mesh = device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
 
 
