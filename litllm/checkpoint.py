@@ -129,6 +129,29 @@ def load_model(
     dtype = dtype or parse_dtype(config.torch_dtype)
     with torch.device("meta"):
         model = RewardGPT(config) if reward else GPT(config)
+    found = weight_sources(checkpoint_dir, model, reward)
+    new_head = reward and "score.weight" not in found
+    state_dict = {}
+    for file in safetensors_files(checkpoint_dir):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name, (source, hf_name) in found.items():
+                if source == file:
+                    state_dict[name] = f.get_tensor(hf_name).to(dtype)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if new_head:
+        model.score = torch.nn.Linear(config.hidden_size, 1, bias=False, device=device, dtype=dtype)
+        torch.nn.init.normal_(model.score.weight, std=config.initializer_range)
+    elif config.tie_embeddings and not reward:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.to(device)
+    return model.eval()
+
+
+def weight_sources(checkpoint_dir: Path, model: GPT, reward: bool = False) -> dict[str, tuple[Path, str]]:
+    """Where each of `model`'s weights is in the checkpoint's safetensors: {litllm name: (file, HF name)}, after
+    checking names and shapes against the model built from config.json (a UserError says what does not match). A
+    reward model built from a causal LM has no score head there yet (left out)."""
+    config = model.config
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()
                 if not (config.tie_embeddings and name == "lm_head.weight")}
     files = safetensors_files(checkpoint_dir)
@@ -155,20 +178,7 @@ def load_model(
         if shape != expected[name]:
             raise UserError(f"{checkpoint_dir}: weight {hf_name} has shape {tuple(shape)} but config.json makes it "
                             f"{tuple(expected[name])}; the config does not belong to these weights")
-    state_dict = {}
-    for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name, (source, hf_name, _) in found.items():
-                if source == file:
-                    state_dict[name] = f.get_tensor(hf_name).to(dtype)
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    if new_head:
-        model.score = torch.nn.Linear(config.hidden_size, 1, bias=False, device=device, dtype=dtype)
-        torch.nn.init.normal_(model.score.weight, std=config.initializer_range)
-    elif config.tie_embeddings and not reward:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope.to(device)
-    return model.eval()
+    return {name: (file, hf_name) for name, (file, hf_name, _) in found.items()}
 
 
 def is_model_dir_file(name: str) -> bool:

@@ -203,6 +203,30 @@ def test_fsdp_mixed_precision_gathers_bf16_copies_of_float32_shards(tiny_chat_mo
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=4e-3)  # bfloat16: 8 bits
 
 
+def test_fsdp_processes_each_read_their_own_shards_and_train_as_one(smollm2_dir, tmp_path):
+    """Built on the meta device and sharded, each process reads only its rows of each weight from the files: an
+    untied model with biases, and MLP weights of 97 rows, which split unevenly (49 and 48)."""
+    from hf_models import save_tiny_hf_model
+    from litllm.checkpoint import copy_tokenizer_files
+
+    model_dir = tmp_path / "qwen2"
+    save_tiny_hf_model("qwen2", model_dir, vocab_size=49152, intermediate_size=97)
+    copy_tokenizer_files(smollm2_dir, model_dir)
+    steps = ["--train.max_steps", "2", "--train.eval_max_batches", "2"]
+    one = litllm("finetune", "full", model_dir, *train_args(tmp_path / "one", *steps))
+    assert one.returncode == 0, one.stderr
+    two = litllm("finetune", "full", model_dir, *train_args(tmp_path / "two", *steps, "--devices", "2",
+                                                           "--strategy", "fsdp"))
+    assert two.returncode == 0, two.stderr
+    for key in ("loss", "val_loss"):
+        assert logged(tmp_path / "one", key) and logged(tmp_path / "two", key) == pytest.approx(
+            logged(tmp_path / "one", key), rel=1e-6), key
+    saved, reference = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("two", "one"))
+    assert saved.keys() == reference.keys()
+    for name in saved:  # gathered back whole, in the layout transformers reads
+        torch.testing.assert_close(saved[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_two_process_run_resumes_each_process_with_its_own_dropout_state(tiny_chat_model_dir, tmp_path):
     steps = ["--train.max_steps", "4", "--train.save_interval", "2", "--devices", "2", "--strategy", "fsdp"]
     reference = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "ref", *steps))

@@ -18,11 +18,11 @@ import lightning_fabric as L
 import torch
 import torch.nn as nn
 
-from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
+from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, write_model_files
 from litllm.data import Alpaca, SFTData, TrainingDataset
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
-from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.fabric import check_strategy, load_for_training, setup_fabric
 from litllm.training.loop import StepLog, StepUnits, prepare_data, setup_training, step_batches, validate
 from litllm.training.losses import count_targets, cross_entropy_sum
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir
@@ -73,7 +73,7 @@ def setup(
     train_data, val_data = prepare_data(fabric, data, tokenizer, train.max_seq_length)
 
     # a resumed run reads its weights from its own checkpoint, which is a complete HF model dir
-    model = load_model(resume_from or checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
+    model = load_for_training(fabric, resume_from or checkpoint_dir)
     model, optim, scheduler, progress = setup_training(fabric, model, optimizer, train,
                                                        train.total_steps(len(train_data)), resume_from)
 

@@ -34,7 +34,7 @@ from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, 
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
-from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.fabric import check_strategy, load_for_training, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, prepare_data, setup_training, step_batches,
                                   training_flops_per_token, validate)
 from litllm.training.losses import count_targets, cross_entropy_sum, perplexity
@@ -116,8 +116,10 @@ def setup(
     if model_name:
         model = new_model(fabric, model_name, tokenizer, resume_from)
     else:
-        model = load_model(initial_checkpoint if lora or not resume_from else resume_from,
-                           dtype=model_dtype(fabric), device=fabric.device)
+        if lora:
+            model = load_model(initial_checkpoint, dtype=model_dtype(fabric), device=fabric.device)
+        else:  # under FSDP each process reads only its shards
+            model = load_for_training(fabric, resume_from or initial_checkpoint)
         check_vocabulary(model, tokenizer)
         if lora:
             lora = add_adapters(model, lora, train_embeddings, resume_from, fabric)

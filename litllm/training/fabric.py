@@ -12,11 +12,15 @@ from typing import Any, get_args
 import lightning_fabric as L
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from lightning_fabric.loggers import Logger
 from lightning_fabric.strategies import ModelParallelStrategy
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
+from litllm.checkpoint import load_model, weight_sources
+from litllm.config import Config
 from litllm.errors import UserError
+from litllm.model import GPT, rope_frequencies
 from litllm.training.args import LoggerName, OptimizerName, Strategy
 
 
@@ -135,8 +139,10 @@ class FullySharded(ModelParallelStrategy):
         self.compute_dtype = compute_dtype
 
     def shard_blocks(self, model: nn.Module, device_mesh) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+        if isinstance(model, FSDPModule):  # sharded already, as it was loaded (see load_for_training)
+            return model
         self.layout = empty_copy(model)
         mesh = device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
@@ -144,6 +150,32 @@ class FullySharded(ModelParallelStrategy):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
+
+
+def load_for_training(fabric: L.Fabric, checkpoint_dir: Path) -> GPT:
+    """The checkpoint's model in the training dtype (see model_dtype) on the run's device. Under FSDP it is built on
+    the meta device, sharded, and each process reads from the safetensors files only the rows of each weight its
+    shard holds: no process ever holds the whole model (a 70B model loads on GPUs that each fit 1/N of it)."""
+    if not isinstance(fabric.strategy, FullySharded):
+        return load_model(checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
+    config = Config.from_hf(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config).to(model_dtype(fabric))
+    sources = weight_sources(checkpoint_dir, model)
+    mesh = fabric.strategy.device_mesh["data_parallel"]
+    model = fabric.strategy.shard_blocks(model, fabric.strategy.device_mesh)
+    model.to_empty(device=fabric.device)
+    rank, world_size = mesh.get_local_rank(), mesh.size()
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied lm_head is the embedding, listed once
+            file, hf_name = sources[name]
+            shard = param.to_local()
+            rows = -(-param.shape[0] // world_size)  # FSDP2 cuts dim 0 as torch.chunk does
+            with safe_open(file, framework="pt") as f:
+                start = min(rank * rows, param.shape[0])
+                shard.copy_(f.get_slice(hf_name)[start:start + shard.shape[0]])
+        model.rope.inv_freq.copy_(rope_frequencies(config)[0])  # a buffer to_empty left uninitialized
+    return model.eval()
 
 
 @contextmanager
