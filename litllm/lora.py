@@ -128,6 +128,25 @@ def dropped_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return F.linear(F.linear(F.dropout(x, p), lora_A) * scaling, lora_B)
 
 
+@torch.library.custom_op("litllm::dropout_mask", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A new bool tensor shaped as `like`, True where dropout with probability `p` keeps an element, drawn as nn.Dropout
+    draws it (bernoulli_ from the global generator).
+
+    An op of its own so that torch.compile (torch 2.13) calls it as one opaque kernel returning a new tensor. Traced,
+    the draw into an empty tensor was miscompiled in training graphs on CPU: inductor fused the reader (x * mask) into
+    a kernel that runs before the draw, so adapters fed by a norm (q/k/v, gate/up) saw an all-False mask and silently
+    stopped learning. `like` is a fresh empty tensor at each call: a compiled graph merges calls of one op with the
+    same arguments, even random ones, and q, k and v would otherwise share one mask. (Drawn in eager's order under
+    compile only with inductor's fallback_random, as training.loop.compile_blocks_for_training sets it.)"""
+    return torch.empty_like(like, dtype=torch.bool).bernoulli_(1 - p)
+
+
+@dropout_mask.register_fake
+def _(like: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(like, dtype=torch.bool)
+
+
 class DroppedLowRank(torch.autograd.Function):
     """scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r)) keeping, of x's size, only x itself (which
     the other layers reading the same input, q/k/v or gate/up, and the block keep anyway) and the dropout mask as
@@ -140,7 +159,7 @@ class DroppedLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, p):
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)  # nn.Dropout's draws
+        mask = dropout_mask(torch.empty(x.shape, dtype=torch.bool, device=x.device), p)  # (see dropout_mask)
         low_rank = F.linear((x * mask).mul_(1 / (1 - p)), lora_A) * scaling  # (..., r): small, kept
         ctx.save_for_backward(x, lora_A, lora_B, low_rank, mask)
         ctx.scaling, ctx.p = scaling, p
