@@ -9,6 +9,7 @@ import dataclasses
 import math
 import resource
 import sys
+import types
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +76,8 @@ def setup_training(fabric: L.Fabric, model: nn.Module, optimizer: OptimizerName,
     Returns (model, optimizer, scheduler, progress); the model is in training mode.
     """
     model.activation_checkpointing = args.activation_checkpointing
+    if args.compile:
+        compile_blocks_for_training(model)
     model = fabric.setup_module(model)
     optim = fabric.setup_optimizers(build_optimizer(model.parameters(), optimizer, args))
     scheduler = build_scheduler(optim, args, total_steps)
@@ -84,6 +87,27 @@ def setup_training(fabric: L.Fabric, model: nn.Module, optimizer: OptimizerName,
         fabric.print(f"Resuming from {resume_from} (step {progress.step})")
     model.train()  # checkpoints load in eval mode; dropout and activation checkpointing need train mode
     return model, optim, scheduler, progress
+
+
+def compile_blocks_for_training(model: nn.Module) -> None:
+    """Regional torch.compile: each transformer block runs compiled while it trains (train mode, gradients on), and
+    eagerly otherwise. Validation, reference scoring and sampling through the KV cache (eval mode or no_grad, other
+    shapes and arguments) would each compile again, and decoding step by step recompile; they stay as they were.
+
+    One compiled function serves every block (the block is its argument), so the compile costs one block's, twice:
+    the first block's input needs no gradient (frozen embeddings), the others' do.
+    fallback_random keeps the random draws eager's, in eager's order (inductor draws its own numbers otherwise, in an
+    order of its choosing): with LoRA dropout (see lora.dropout_mask), losses equal eager's from the same seed.
+    """
+    forward = type(model.layers[0]).forward
+    compiled = torch.compile(forward, options={"fallback_random": True})
+
+    def compiled_when_training(block: nn.Module, *args, **kwargs) -> torch.Tensor:
+        return (compiled if block.training and torch.is_grad_enabled() else forward)(block, *args, **kwargs)
+
+    for block in model.layers:
+        # bound, so a deep copy of the model (checkpoint saving makes some) calls its own blocks
+        block.forward = types.MethodType(compiled_when_training, block)
 
 
 def step_batches(dataset: TrainingDataset, args: TrainArgs, seed: int, progress: Progress,
