@@ -227,6 +227,31 @@ def test_fsdp_processes_each_read_their_own_shards_and_train_as_one(smollm2_dir,
         torch.testing.assert_close(saved[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_tensor_parallel_processes_split_each_block_and_train_as_one(tiny_chat_model_dir, smollm2_dir, tmp_path):
+    """--tensor_parallel 2: each of 2 processes holds half of every block's q/k/v/o and MLP weights (2 of 4 heads,
+    1 of 2 key/value heads); the losses, the saved weights and their logits equal one process's."""
+    steps = ["--train.max_steps", "2", "--train.eval_max_batches", "2"]
+    one = litllm("finetune", "full", tiny_chat_model_dir, *train_args(tmp_path / "one", *steps))
+    assert one.returncode == 0, one.stderr
+    two = litllm("finetune", "full", tiny_chat_model_dir, *train_args(tmp_path / "tp", *steps, "--devices", "2",
+                                                                      "--tensor_parallel", "2"))
+    assert two.returncode == 0, two.stderr
+    for key in ("loss", "val_loss"):
+        assert logged(tmp_path / "one", key) and logged(tmp_path / "tp", key) == pytest.approx(
+            logged(tmp_path / "one", key), rel=1e-6), key
+    x = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():  # the checkpoint, gathered whole, loads in one process
+        torch.testing.assert_close(load_model(tmp_path / "tp" / "final")(x), load_model(tmp_path / "one" / "final")(x),
+                                   atol=1e-5, rtol=0)
+
+    nine_heads = litllm("finetune", "full", smollm2_dir, *train_args(tmp_path / "nine", "--devices", "2",
+                                                                     "--tensor_parallel", "2"))
+    assert nine_heads.returncode == 2 and not (tmp_path / "nine").exists()
+    assert nine_heads.stderr.strip().splitlines() == [
+        "error: --tensor_parallel 2: the model's 9 attention heads do not split evenly over 2 devices; use a "
+        "--tensor_parallel that divides 9 heads, 3 key/value heads and 1536 MLP columns"]
+
+
 def test_two_process_run_resumes_each_process_with_its_own_dropout_state(tiny_chat_model_dir, tmp_path):
     steps = ["--train.max_steps", "4", "--train.save_interval", "2", "--devices", "2", "--strategy", "fsdp"]
     reference = litllm("finetune", "lora", tiny_chat_model_dir, *train_args(tmp_path / "ref", *steps))

@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, write_model_files
+from litllm.config import Config
 from litllm.data import Alpaca, SFTData, TrainingDataset
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
-from litllm.training.fabric import check_strategy, load_for_training, setup_fabric
+from litllm.training.fabric import check_strategy, check_tensor_parallel, load_for_training, setup_fabric
 from litllm.training.loop import StepLog, StepUnits, prepare_data, setup_training, step_batches, validate
 from litllm.training.losses import count_targets, cross_entropy_sum
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir
@@ -36,6 +37,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Strategy = "auto",
+    tensor_parallel: int = 1,
     precision: str | None = None,
     optimizer: OptimizerName = "AdamW",
     logger: LoggerName = "csv",
@@ -55,6 +57,9 @@ def setup(
         strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
             global batch); fsdp (as ddp, but each device holds only its shard of the weights, gradients and
             optimizer state; each transformer block is gathered just for its forward and backward).
+        tensor_parallel: split each transformer block's weights over groups of this many devices (Megatron-style
+            tensor parallelism; it must divide the devices and the model's heads and MLP width); the groups shard
+            with FSDP. 1: no splitting. Tested on CPU; see tutorials/pretrain.md.
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
@@ -64,8 +69,9 @@ def setup(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     check_strategy(strategy, optimizer)
+    check_tensor_parallel(Config.from_hf(checkpoint_dir), tensor_parallel, devices * num_nodes, strategy)
     data = data or Alpaca()
-    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy, tensor_parallel)
     resume_from = prepare_out_dir(fabric, out_dir, resume, overwrite, inputs=[checkpoint_dir, *data.sources()])
     fabric.seed_everything(seed)
 

@@ -34,7 +34,8 @@ from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, 
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
-from litllm.training.fabric import check_strategy, load_for_training, model_dtype, setup_fabric
+from litllm.training.fabric import (check_strategy, check_tensor_parallel, load_for_training, model_dtype,
+                                    setup_fabric)
 from litllm.training.loop import (StepLog, StepUnits, prepare_data, setup_training, step_batches,
                                   training_flops_per_token, validate)
 from litllm.training.losses import count_targets, cross_entropy_sum, perplexity
@@ -55,6 +56,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Strategy = "auto",
+    tensor_parallel: int = 1,
     precision: str | None = None,
     optimizer: OptimizerName = "AdamW",
     logger: LoggerName = "csv",
@@ -83,6 +85,9 @@ def setup(
         strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
             global batch); fsdp (as ddp, but each device holds only its shard of the weights, gradients and
             optimizer state; each transformer block is gathered just for its forward and backward).
+        tensor_parallel: split each transformer block's weights over groups of this many devices (Megatron-style
+            tensor parallelism; it must divide the devices and the model's heads and MLP width); the groups shard
+            with FSDP. 1: no splitting. Tested on CPU; see tutorials/pretrain.md.
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
@@ -105,7 +110,12 @@ def setup(
     if tokenizer_dir is None:
         raise UserError("--model_name needs --tokenizer_dir DIR (a dir with tokenizer.json or tokenizer.model)")
     check_strategy(strategy, optimizer)
-    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    if tensor_parallel > 1 and lora:
+        raise UserError("--tensor_parallel does not split LoRA adapters yet; continue pretraining with --lora on "
+                        "--strategy fsdp, or train every weight with --tensor_parallel")
+    check_tensor_parallel(Config.from_name(model_name) if model_name else Config.from_hf(initial_checkpoint),
+                          tensor_parallel, devices * num_nodes, strategy)
+    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy, tensor_parallel)
     resume_from = prepare_out_dir(fabric, out_dir, resume, overwrite,
                                   inputs=[initial_checkpoint, tokenizer_dir, *data.sources()])
     fabric.seed_everything(seed)

@@ -41,19 +41,48 @@ def check_strategy(strategy: Strategy, optimizer: OptimizerName, quantize: str |
                         "sharded); use --optimizer AdamW")
 
 
+def check_tensor_parallel(config: Config, tensor_parallel: int, devices: int, strategy: Strategy) -> None:
+    """Refuse, before any process starts, a tensor-parallel size the devices or the model cannot be split by."""
+    if tensor_parallel == 1:
+        return
+    if tensor_parallel < 1 or devices % tensor_parallel:
+        raise UserError(f"--tensor_parallel {tensor_parallel} must divide the {devices} device(s) (--devices x "
+                        "--num_nodes)")
+    if strategy == "ddp":
+        raise UserError("--tensor_parallel goes with --strategy fsdp (the data-parallel groups shard with FSDP) or "
+                        "auto, not ddp")
+    for name, size in (("attention heads", config.n_heads), ("key/value heads", config.n_kv_heads),
+                       ("MLP width", config.intermediate_size)):
+        if size % tensor_parallel:
+            raise UserError(f"--tensor_parallel {tensor_parallel}: the model's {size} {name} do not split evenly "
+                            f"over {tensor_parallel} devices; use a --tensor_parallel that divides "
+                            f"{config.n_heads} heads, {config.n_kv_heads} key/value heads and "
+                            f"{config.intermediate_size} MLP columns")
+
+
+def data_parallel(fabric: L.Fabric) -> tuple[int, int]:
+    """This process's rank among the data-parallel groups, and their number: the devices that see different data.
+    A tensor-parallel group (devices splitting each weight) sees one batch; without one, every device is a group."""
+    if isinstance(fabric.strategy, FullySharded):
+        mesh = fabric.strategy.device_mesh["data_parallel"]
+        return mesh.get_local_rank(), mesh.size()
+    return fabric.global_rank, fabric.world_size
+
+
 def setup_fabric(out_dir: Path, precision: str | None, logger: LoggerName, devices: int = 1, num_nodes: int = 1,
-                 strategy: Strategy = "auto") -> L.Fabric:
+                 strategy: Strategy = "auto", tensor_parallel: int = 1) -> L.Fabric:
     """Fabric with the chosen precision, devices and strategy, and a logger writing under out_dir/logs.
 
-    Strategies: auto (one device), ddp (a replica of the model per device), fsdp (FullyShardedDataParallel).
+    Strategies: auto (one device), ddp (a replica of the model per device), fsdp (FullyShardedDataParallel). With
+    tensor_parallel T > 1 the devices form groups of T that split each weight (see FullySharded), fsdp or not.
 
     Launched by `fabric run`, `torchrun` or SLURM, Fabric takes ranks and addresses from their environment; run
     plainly with devices > 1, it starts the other processes itself.
     """
     precision = precision or default_precision()
-    if strategy == "fsdp":
+    if strategy == "fsdp" or tensor_parallel > 1:
         compute_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-        strategy = FullySharded(devices * num_nodes, compute_dtype)
+        strategy = FullySharded(devices * num_nodes, compute_dtype, tensor_parallel)
     try:
         fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
                           loggers=[metrics_logger(logger, out_dir)])
@@ -124,6 +153,12 @@ class FullySharded(ModelParallelStrategy):
     final norm, lm_head). Each of the N processes holds 1/N of the weights, gradients and optimizer state, and
     gathers one block's weights at a time for its forward and backward.
 
+    With `tensor_parallel` T > 1 the N devices form N / T groups of T (2D: a data-parallel by a tensor-parallel
+    mesh). Within a group each block's weights are split Megatron-style: q/k/v and gate/up by output columns, o and
+    down by input columns, so each device computes attention over its own heads and its share of the MLP, and one
+    all-reduce per o_proj and down_proj sums the parts. Embeddings, norms and lm_head are whole on every device (so
+    tied embeddings stay tied). The groups then shard with FSDP across each other, and see different data.
+
     (Fabric's FSDPStrategy wraps the older FSDP1 API, which runs on GPUs only; FSDP2 also runs on CPUs with gloo.)
     Remembers the model's unsharded structure, without data, into which checkpoints gather the full weights.
 
@@ -132,11 +167,32 @@ class FullySharded(ModelParallelStrategy):
     float32 (FSDP2's MixedPrecisionPolicy).
     """
 
-    def __init__(self, world_size: int, compute_dtype: torch.dtype | None = None) -> None:
-        super().__init__(self.shard_blocks, data_parallel_size=world_size, tensor_parallel_size=1,
-                         save_distributed_checkpoint=False)
+    def __init__(self, world_size: int, compute_dtype: torch.dtype | None = None, tensor_parallel: int = 1) -> None:
+        super().__init__(self.shard_blocks, data_parallel_size=world_size // tensor_parallel,
+                         tensor_parallel_size=tensor_parallel, save_distributed_checkpoint=False)
         self.layout: nn.Module | None = None
         self.compute_dtype = compute_dtype
+        self.tensor_parallel = tensor_parallel
+
+    def clip_gradients_norm(self, module: nn.Module, optimizer, max_norm: float, norm_type: float = 2.0,
+                            error_if_nonfinite: bool = True) -> torch.Tensor:
+        """Clip the gradients to a total norm, as torch's clip_grad_norm_, but over gradients that live on different
+        meshes (2D: split weights on data x tensor parallel, whole ones on data parallel only), which it cannot stack:
+        each mesh's norm, then the norm of those."""
+        from torch.distributed.tensor import DTensor
+
+        self.precision.unscale_gradients(optimizer)
+        params = [p for p in self.precision.main_params(optimizer) if p.grad is not None]
+        by_mesh: dict[Any, list[torch.Tensor]] = {}
+        for p in params:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+        norms = [torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite) for grads in by_mesh.values()]
+        norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        scale = min(1.0, max_norm / (float(total) + 1e-6))  # torch's clip coefficient, as a number: any mesh takes it
+        for p in params:
+            p.grad.mul_(scale)
+        return total
 
     def shard_blocks(self, model: nn.Module, device_mesh) -> nn.Module:
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -144,6 +200,8 @@ class FullySharded(ModelParallelStrategy):
         if isinstance(model, FSDPModule):  # sharded already, as it was loaded (see load_for_training)
             return model
         self.layout = empty_copy(model)
+        if self.tensor_parallel > 1:
+            split_blocks(model, device_mesh["tensor_parallel"])
         mesh = device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         for block in model.layers:
@@ -152,11 +210,25 @@ class FullySharded(ModelParallelStrategy):
         return model
 
 
+def split_blocks(model: GPT, mesh) -> None:
+    """Tensor parallelism within `mesh`: each block's q/k/v and gate/up split by output columns, o and down by input
+    columns (their outputs summed over the mesh), and each attention module told its local head counts."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    columns, rows = ColwiseParallel(), RowwiseParallel()
+    plan = {"attn.q_proj": columns, "attn.k_proj": columns, "attn.v_proj": columns, "attn.o_proj": rows,
+            "mlp.gate_proj": columns, "mlp.up_proj": columns, "mlp.down_proj": rows}
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+        block.attn.n_heads //= mesh.size()
+        block.attn.n_kv_heads //= mesh.size()
+
+
 def load_for_training(fabric: L.Fabric, checkpoint_dir: Path) -> GPT:
     """The checkpoint's model in the training dtype (see model_dtype) on the run's device. Under FSDP it is built on
     the meta device, sharded, and each process reads from the safetensors files only the rows of each weight its
     shard holds: no process ever holds the whole model (a 70B model loads on GPUs that each fit 1/N of it)."""
-    if not isinstance(fabric.strategy, FullySharded):
+    if not isinstance(fabric.strategy, FullySharded) or fabric.strategy.tensor_parallel > 1:
         return load_model(checkpoint_dir, dtype=model_dtype(fabric), device=fabric.device)
     config = Config.from_hf(checkpoint_dir)
     with torch.device("meta"):

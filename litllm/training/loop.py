@@ -24,6 +24,7 @@ from litllm.data import DataModule, TrainingDataset
 from litllm.errors import UserError
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import OptimizerName, TrainArgs
+from litllm.training.fabric import data_parallel
 from litllm.training.state import Progress, load_training_state
 
 T = TypeVar("T")
@@ -117,12 +118,12 @@ def step_batches(dataset: TrainingDataset, args: TrainArgs, seed: int, progress:
     Each device gets its contiguous share of the step's examples (see step_indices), cut into micro-batches. So N
     devices see exactly the examples one device would, split N ways.
     """
-    rank, world_size = fabric.global_rank, fabric.world_size
+    rank, world_size = data_parallel(fabric)  # a tensor-parallel group shares one batch
     per_device = args.global_batch_size // world_size
     if per_device * world_size != args.global_batch_size or per_device % args.micro_batch_size:
         raise UserError(
             f"--train.global_batch_size {args.global_batch_size} must be a multiple of "
-            f"--train.micro_batch_size {args.micro_batch_size} x {world_size} device(s)"
+            f"--train.micro_batch_size {args.micro_batch_size} x {world_size} data-parallel device(s)"
         )
     for indices in step_indices(len(dataset), args, seed, progress):
         mine = indices[rank * per_device:(rank + 1) * per_device]
@@ -228,7 +229,7 @@ def split_over_devices(fabric: L.Fabric, batches: list[T], score: Callable[[T], 
     """`score(batch)` of every batch, on every device: each device scores every world_size-th batch, and the results
     are gathered to all, in order. Devices go in lockstep (FSDP's forward gathers weights from every device): one
     with no batch left in a round scores one of its own again and drops the result."""
-    rank, world_size = fabric.global_rank, fabric.world_size
+    rank, world_size = data_parallel(fabric)  # a tensor-parallel group scores one batch together
     mine = list(range(rank, len(batches), world_size))
     results: dict[int, R] = {}
     for round_ in range(math.ceil(len(batches) / world_size)):
@@ -236,8 +237,8 @@ def split_over_devices(fabric: L.Fabric, batches: list[T], score: Callable[[T], 
         result = score(batches[index])
         if round_ < len(mine):
             results[index] = result
-    if world_size > 1:
-        gathered: list[Any] = [None] * world_size
+    if fabric.world_size > 1:
+        gathered: list[Any] = [None] * fabric.world_size
         torch.distributed.all_gather_object(gathered, results)
         results = {index: result for part in gathered for index, result in part.items()}
     return [results[index] for index in range(len(batches))]
@@ -287,7 +288,7 @@ class StepLog:
         """After an optimizer step: its `metrics`, the `tokens` this device processed and the `seconds` the step took
         (validation and saving left out). Training metrics are logged every --train.log_interval steps and at the
         last one, validation metrics (val_*) whenever there are some."""
-        self.recent.append((tokens * self.fabric.world_size, seconds))
+        self.recent.append((tokens * data_parallel(self.fabric)[1], seconds))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if step % self.args.log_interval and step != self.total_steps:
