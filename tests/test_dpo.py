@@ -288,17 +288,21 @@ def test_full_dpo_saves_a_hf_dir_transformers_loads_and_resumes_exactly(tiny_cha
     assert_resumes_with_the_same_metrics(tiny_chat_model_dir, tmp_path / "run", tmp_path, full=True)
 
 
-def test_two_fsdp_processes_split_the_reference_scoring_and_validation_and_equal_one(tiny_chat_model_dir, tmp_path):
+@pytest.mark.parametrize("parallel", [["--strategy", "fsdp"], ["--tensor_parallel", "2"]], ids=["fsdp", "tp"])
+def test_two_processes_split_the_reference_scoring_and_validation_and_equal_one(parallel, tiny_chat_model_dir,
+                                                                                tmp_path):
+    """Full DPO on 2 processes, sharded (FSDP) or each block split (tensor parallel): the reference log-probs and
+    validation scored in shares (a tensor-parallel pair scores one share together) equal one process's."""
     run_dpo(tiny_chat_model_dir, tmp_path / "one", full=True)
     result = litllm("finetune", "dpo", tiny_chat_model_dir, "--data", "Preference", "--data.json_path",
                     tmp_path / "pairs.jsonl", "--data.val_split_fraction", "0.2", "--train.global_batch_size", "4",
                     "--train.micro_batch_size", "2", "--train.max_steps", "4", "--train.max_seq_length", "96",
                     "--train.lr", "1e-3", "--train.warmup_steps", "1", "--train.eval_interval", "2",
-                    "--train.save_interval", "2", "--full", "true", "--devices", "2", "--strategy", "fsdp",
+                    "--train.save_interval", "2", "--full", "true", "--devices", "2", *parallel,
                     "--out_dir", tmp_path / "two")
     assert result.returncode == 0, result.stderr
-    # FSDP's sharded gradient reduction rounds differently: weights after a step differ in float32's last bits, and a
-    # log-prob summed over ~100 tokens (~ -200) resolves to ~2e-5, so a reward, 0.1 x a difference of two, to ~4e-6
+    # the gradient reductions round differently: weights after a step differ in float32's last bits, and a log-prob
+    # summed over ~100 tokens (~ -200) resolves to ~2e-5, so a reward, 0.1 x a difference of two, to ~4e-6
     for key in ("loss", "rewards/margins", "logps/chosen", "val_loss", "val_rewards/margins"):
         expected = logged(tmp_path / "one", key)
         assert expected and logged(tmp_path / "two", key) == pytest.approx(expected, rel=1e-5, abs=5e-6), key

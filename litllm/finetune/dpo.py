@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
+from litllm.config import Config
 from litllm.data import Preference, PreferenceDataset
 from litllm.errors import UserError
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, load_adapter, merge_lora, \
     save_adapter
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
-from litllm.training.fabric import check_strategy, model_dtype, setup_fabric
+from litllm.training.fabric import check_strategy, check_tensor_parallel, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_to_come, examples_validated,
                                   fixed_micro_batches, prepare_data, setup_training, split_over_devices, step_batches,
                                   validate)
@@ -104,6 +105,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Strategy = "auto",
+    tensor_parallel: int = 1,
     precision: str | None = None,
     optimizer: OptimizerName = "AdamW",
     logger: LoggerName = "csv",
@@ -130,6 +132,9 @@ def setup(
         strategy: auto (one device); ddp (a replica of the model per device, each taking its share of every
             global batch); fsdp (as ddp, but each device holds only its shard of the weights, gradients and
             optimizer state; each transformer block is gathered just for its forward and backward).
+        tensor_parallel: with --full true, split each transformer block's weights over groups of this many devices
+            (Megatron-style tensor parallelism; it must divide the devices and the model's heads and MLP width); the
+            groups shard with FSDP. 1: no splitting. LoRA adapters are not split (refused). See tutorials/pretrain.md.
         precision: Fabric precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         optimizer: AdamW, or AdamW8bit from bitsandbytes.
         logger: where metrics go besides the terminal: csv, tensorboard or wandb.
@@ -139,8 +144,12 @@ def setup(
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     check_strategy(strategy, optimizer)
+    if tensor_parallel > 1 and not full:
+        raise UserError("--tensor_parallel does not split LoRA adapters yet; use it with --full true, or train LoRA "
+                        "with --strategy fsdp")
+    check_tensor_parallel(Config.from_hf(checkpoint_dir), tensor_parallel, devices * num_nodes, strategy)
     data = data or Preference()
-    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy)
+    fabric = setup_fabric(out_dir, precision, logger, devices, num_nodes, strategy, tensor_parallel)
     resume_from = prepare_out_dir(fabric, out_dir, resume, overwrite,
                                   inputs=[checkpoint_dir, adapter, *data.sources()])
     fabric.seed_everything(seed)
