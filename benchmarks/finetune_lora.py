@@ -2,6 +2,10 @@
 
     python benchmarks/finetune_lora.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --steps 1 --warmup 0 --seq_len 32 --no_append
+    python benchmarks/finetune_lora.py --modes lora --precisions 32-true --lora_dropouts 0.05 --compile
+
+`--compile` trains litllm's side as `--train.compile true` does (each block under torch.compile); the compile happens
+in the untimed warm-up steps.
 
 Modes: `lora` (r=8, alpha=16, all seven linear layers of every block, at each of --lora_dropouts: 0, and litllm's
 default 0.05, PEFT given the same) and `full` (every weight trained);
@@ -54,7 +58,7 @@ def litllm_step(args):
     from litllm.lora import LoRAConfig, apply_lora
     from litllm.training.args import TrainArgs
     from litllm.training.fabric import model_dtype
-    from litllm.training.loop import StepUnits, build_optimizer
+    from litllm.training.loop import StepUnits, build_optimizer, compile_blocks_for_training
     from litllm.training.losses import count_targets
 
     fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
@@ -62,6 +66,8 @@ def litllm_step(args):
     if args.mode == "lora":
         apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=args.dropout, targets=TARGETS))
     model.train()
+    if args.compile:
+        compile_blocks_for_training(model)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model.parameters(), "AdamW", TrainArgs(lr=args.lr)))
     chunk_size = TrainArgs().loss_chunk_size
@@ -125,6 +131,7 @@ def run_worker(args, side: str, mode: str, precision: str, dropout: float, batch
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--precision", precision,
                "--batches", str(batches), "--checkpoint_dir", str(args.checkpoint_dir),
                "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout)]
+    command += ["--compile"] if args.compile else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes to the terminal
     if done.returncode:
         raise SystemExit(f"the {side} worker failed ({mode}, {precision}): exit status {done.returncode}")
@@ -143,6 +150,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--lora_dropouts", default="0,0.05", help="LoRA runs at each of these dropouts")
+    parser.add_argument("--compile", action="store_true", help="litllm's blocks under torch.compile (--train.compile)")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -181,7 +189,8 @@ def main() -> None:
     if args.no_append:
         return
     append_results(
-        title=f"Fine-tuning, {args.checkpoint_dir.name}, batch {args.batch_size} x {args.seq_len} tokens",
+        title=f"Fine-tuning, {args.checkpoint_dir.name}, batch {args.batch_size} x {args.seq_len} tokens"
+              + (", litllm compiled (--train.compile)" if args.compile else ""),
         command="python " + " ".join(sys.argv),
         table=table,
         notes=f"{machine()}; each side in its own process (peak RSS: that process's ru_maxrss, model loading "
