@@ -5,16 +5,19 @@ works once this module is imported). It runs litllm's own GPT, no conversion to 
 lm-eval's `hf` backend does (lm_eval/api/model.py `TemplateLM`, lm_eval/models/huggingface.py `HFLM`), so the
 numbers are the `hf` backend's up to float32 rounding.
 
-Multiple-choice questions score several continuations of one context. Here every distinct context runs through
-the model once, into the KV cache, and its continuations then run on copies of that cache: a 4-choice question
-costs one context plus four short continuations instead of four whole sequences. Only the scored positions go
-through the output layer and log-softmax (a 49k-word vocabulary makes that a fifth of a small model's work).
+Multiple-choice questions score several continuations of one context. Here each question's longest answer runs
+whole, into the KV cache, and every other answer runs only from where it parts from that one (the context, and
+often its first words), on a copy of that cache: a 4-choice question costs one whole answer plus what the three
+others add, instead of four whole sequences. Questions of any lengths share a pass, right-padded, each row at its
+own positions. Only the scored positions go through the output layer and log-softmax (a 49k-word vocabulary makes
+that a fifth of a small model's work), and a position shared by several answers is scored once.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,8 +43,8 @@ class LitLLM(TemplateLM):
     """An lm-eval model over a Hugging Face checkpoint dir, run by litllm.
 
     `adapter` is a LoRA adapter dir (PEFT format); its layers stay separate from the base weights (not merged),
-    so what is evaluated is exactly what training produced. `batch_size` is how many contexts of equal length
-    share one forward pass, and how many continuations of each run together on the cached contexts.
+    so what is evaluated is exactly what training produced. `batch_size` is how many questions (contexts) share
+    one forward pass, and how many of each one's other answers (or documents) run together on the cached rows.
     """
 
     def __init__(
@@ -160,77 +163,88 @@ class LitLLM(TemplateLM):
         The model input is HFLM's: (context + continuation)[-(max_length + 1):][:-1], i.e. too long a request
         loses tokens on the left. Requests are grouped by what precedes their continuation in that input.
         """
-        by_context: dict[tuple[int, ...], list[int]] = {}
+        by_context: dict[tuple[int, ...], list[_Request]] = {}
         for index, (_, context, continuation) in enumerate(requests):
-            whole = (context + continuation)[-(self.max_length + 1):]
-            by_context.setdefault(tuple(whole[:len(whole) - len(continuation)]), []).append(index)
-        # longest first, as lm-eval does: a too-large batch fails at once, and the progress bar over-estimates
-        contexts = sorted(by_context, key=lambda c: (-len(c), c))
+            tokens = (context + continuation)[-(self.max_length + 1):]
+            context_len = len(tokens) - len(continuation)
+            by_context.setdefault(tuple(tokens[:context_len]), []).append(_Request(index, tokens, context_len))
+        # each group longest first; the groups longest first, as lm-eval sorts: a too-large batch fails at once,
+        # and rows of one batch have about one length, so little of it is padding
+        groups = [sorted(group, key=lambda r: -len(r.tokens)) for group in by_context.values()]
+        groups.sort(key=lambda group: (-len(group[0].tokens), group[0].tokens))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
-        for batch in _equal_length_batches(contexts, self.batch_size):
-            members = [(row, index) for row, context in enumerate(batch) for index in by_context[context]]
-            scores = self._score_batch(batch, [requests[index][2] for _, index in members], [r for r, _ in members])
-            for (_, index), (logprob, greedy) in zip(members, scores):
-                results[index] = (logprob, greedy)
+        for start in range(0, len(groups), self.batch_size):
+            for index, result in self._score_groups(groups[start:start + self.batch_size]):
+                results[index] = result
                 if requests[index][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
-            progress.update(len(members))
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], result)
+                progress.update(1)
         progress.close()
         return results
 
-    def _score_batch(self, contexts: list[tuple[int, ...]], continuations: list[list[int]],
-                     context_rows: list[int]) -> list[tuple[float, bool]]:
-        """Score each continuation after its context (`context_rows[i]` indexes `contexts`, all of one length).
+    def _score_groups(self, groups: list[list[_Request]]) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """(request index, its score) for each request of `groups`, as soon as it is scored.
 
-        The contexts run once, as one batch, into the KV cache; the continuations then run on copies of their
-        context's cache rows, padded on the right. A padded position cannot change
-        a real one: attention is causal, so a real token never sees a later pad, and pads are never scored. (The
-        numbers can still move in the last float32 bit with the batch's shape, as matmul kernels pick their
-        blocking by size.)
+        Each group's first (longest) request runs whole: the groups' first requests, right-padded, fill the KV
+        cache in one pass. Every other request shares a prefix with its group's first, at least the context: its
+        log-probs up to where the two part are read at the first's positions (each position and target scored
+        once), and only the rest of it runs, on a copy of that KV-cache row, at its own positions. Padding cannot
+        change a real position: attention is causal, so a real token never sees a later pad (nor, in a copy, the
+        first's tokens past the shared prefix, which its own overwrite), and pads are never scored. (The numbers
+        can still move in the last float32 bit with the batch's shape, as matmul kernels pick their blocking by
+        size.)
         """
         model, device = self.model, self.device
-        context_len = len(contexts[0])
-        cache_len = context_len + max(len(c) for c in continuations) - 1
-        model.setup_kv_cache(batch_size=len(contexts), max_seq_len=cache_len)
+        leads = [group[0].tokens[:-1] for group in groups]
+        # each request with its group's row and how much of its input it shares with the group's first
+        shares = [(row, request, _common_prefix_len(leads[row], request.tokens[:-1]))
+                  for row, group in enumerate(groups) for request in group]
+        rest = sorted((share for share in shares if share[2] < len(share[1].tokens) - 1),
+                      key=lambda share: share[2] - len(share[1].tokens))  # longest remainder first
+        # up to batch_size remainders per group in a pass: the other answers of a batch of questions run together,
+        # while the many documents of one rolling-window context still go batch_size at a time
+        rows_per_pass = self.batch_size * len(groups)
+        chunks = [rest[i:i + rows_per_pass] for i in range(0, len(rest), rows_per_pass)]
+        # a chunk's pads continue each row's positions: room for its longest remainder after its latest start
+        cache_len = max([len(lead) for lead in leads] + [max(start for _, _, start in chunk) + len(chunk[0][1].tokens)
+                                                         - 1 - chunk[0][2] for chunk in chunks])
+        model.setup_kv_cache(batch_size=len(groups), max_seq_len=cache_len)
         try:
-            hidden = model(torch.tensor(contexts, device=device), torch.arange(context_len, device=device),
-                           return_hidden=True)[:, -1]  # (n_contexts, hidden_size): predicts each continuation's 1st
-            first = self._token_logprobs(hidden[context_rows], [c[:1] for c in continuations])
+            width = max(map(len, leads))
+            hidden = model(_right_padded(leads, device), torch.arange(width, device=device),
+                           return_hidden=True)  # (groups, width, hidden_size)
+            columns: dict[tuple[int, int, int], int] = {}  # (row, position, target) -> its column in `scored`
+            picks = {request.index: [columns.setdefault((row, position, request.tokens[position + 1]), len(columns))
+                                     for position in range(request.context_len - 1, start)]
+                     for row, request, start in shares}
+            rows, positions, targets = zip(*columns)
+            scored = self._token_logprobs(hidden[rows, positions], targets)  # (2, len(columns))
+            parts = {index: [scored[:, picked]] for index, picked in picks.items()}
+            yield from _finish([request for _, request, start in shares if start == len(request.tokens) - 1], parts)
+
             prefilled = model.kv_cache_snapshot()
-            rest = [first[i][:, :0] for i in range(len(continuations))]
-            longer = sorted((i for i, c in enumerate(continuations) if len(c) > 1), key=lambda i: -len(continuations[i]))
-            # up to batch_size continuations per context: short answers of a batch of contexts run in one pass,
-            # while the many documents of one rolling-window context still go batch_size at a time
-            rows = self.batch_size * len(contexts)
-            for start in range(0, len(longer), rows):
-                chunk = longer[start:start + rows]
-                model.restore_kv_cache_rows(prefilled, torch.tensor([context_rows[i] for i in chunk], device=device))
-                inputs = [continuations[i][:-1] for i in chunk]
-                width = len(inputs[0])  # the longest: chunks are sorted by length
-                padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in inputs], device=device)
-                hidden = model(padded, torch.arange(context_len, context_len + width, device=device),
-                               return_hidden=True)  # (chunk, width, hidden_size)
-                real = torch.cat([hidden[row, :len(ids)] for row, ids in enumerate(inputs)])
-                for i, scored in zip(chunk, self._token_logprobs(real, [continuations[i][1:] for i in chunk])):
-                    rest[i] = scored
+            for chunk in chunks:
+                model.restore_kv_cache_rows(prefilled, torch.tensor([row for row, _, _ in chunk], device=device))
+                inputs = [request.tokens[start:-1] for _, request, start in chunk]
+                input_pos = torch.tensor([list(range(start, start + len(inputs[0]))) for _, _, start in chunk],
+                                         device=device)  # (chunk, longest remainder): each row from where it parts
+                hidden = model(_right_padded(inputs, device), input_pos, return_hidden=True)
+                scored = self._token_logprobs(torch.cat([hidden[row, :len(ids)] for row, ids in enumerate(inputs)]),
+                                              [t for _, request, start in chunk for t in request.tokens[start + 1:]])
+                for (_, request, _), part in zip(chunk, scored.split([len(ids) for ids in inputs], dim=1)):
+                    parts[request.index].append(part)
+                yield from _finish([request for _, request, _ in chunk], parts)
         finally:
             model.clear_kv_cache()
-        results = []
-        for head, tail in zip(first, rest):
-            logprobs, greedy = torch.cat([head, tail], dim=1)  # (2, len(continuation)): log p, is argmax
-            # summed in float32, as HFLM sums its float32 log-probs: over hundreds of tokens the rounding of
-            # the sum alone reaches 1e-4
-            results.append((float(logprobs.sum()), bool(greedy.all())))
-        return results
 
-    def _token_logprobs(self, hidden: torch.Tensor, targets: list[list[int]]) -> list[torch.Tensor]:
-        """For hidden states (sum of len(targets), hidden_size), per target row a (2, len(row)) float32 tensor:
-        log p of each target token, and 1 where it is the argmax. Log-softmax in float32 over the full
-        vocabulary, as HFLM."""
-        flat = torch.tensor([t for row in targets for t in row], device=hidden.device)
-        logprobs, greedy = token_logprobs(self.model.lm_head, hidden, flat, chunk_size=len(flat))
-        return list(torch.stack([logprobs, greedy.float()]).cpu().split([len(row) for row in targets], dim=1))
+    def _token_logprobs(self, hidden: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+        """For hidden states (N, hidden_size) and N target ids, a (2, N) float32 tensor: log p of each target, and
+        1 where it is the argmax. Log-softmax in float32 over the full vocabulary, as HFLM; 1024 positions at a
+        time, so a batch of long documents never holds all its logits at once."""
+        logprobs, greedy = token_logprobs(self.model.lm_head, hidden, torch.tensor(targets, device=hidden.device),
+                                          chunk_size=1024)
+        return torch.stack([logprobs, greedy.float()]).cpu()
 
     # ------------------------------------------------------------------------------------------ generation
 
@@ -265,17 +279,31 @@ class LitLLM(TemplateLM):
         return outputs
 
 
-def _equal_length_batches(contexts: list[tuple[int, ...]], batch_size: int) -> Iterator[list[tuple[int, ...]]]:
-    """Consecutive runs of at most `batch_size` contexts of one length: they fill the KV cache in one pass
-    without padding, and their continuations then start at the same position."""
-    batch: list[tuple[int, ...]] = []
-    for context in contexts:
-        if batch and (len(batch) == batch_size or len(context) != len(batch[0])):
-            yield batch
-            batch = []
-        batch.append(context)
-    if batch:
-        yield batch
+@dataclass
+class _Request:
+    """One loglikelihood request: the model reads tokens[:-1] and is scored on tokens[context_len:]."""
+    index: int
+    tokens: list[int]
+    context_len: int
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _finish(requests: list[_Request], parts: dict[int, list[torch.Tensor]]
+            ) -> Iterator[tuple[int, tuple[float, bool]]]:
+    """(index, score) of each request from its log-probs, summed in float32 as HFLM sums its float32 log-probs
+    (over hundreds of tokens the rounding of the sum alone reaches 1e-4)."""
+    for request in requests:
+        logprobs, greedy = torch.cat(parts.pop(request.index), dim=1)  # (len(continuation),) each
+        yield request.index, (float(logprobs.sum()), bool(greedy.all()))
+
+
+def _right_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(len(rows), longest row) token ids, padded with 0 on the right: pads are never attended to nor scored."""
+    width = max(map(len, rows))
+    return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

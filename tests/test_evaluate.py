@@ -109,7 +109,7 @@ def test_perplexity_equals_hf_backend(smollm2_runs):
 @pytest.mark.slow
 def test_batch_size_does_not_change_results(smollm2_runs):
     """At batch size 8 two questions' continuations, and all documents, share forward passes. Padding cannot
-    change a row (see LitLLM._score_batch); only float32 rounding moves with the matmul shapes."""
+    change a row (see LitLLM._score_groups); only float32 rounding moves with the matmul shapes."""
     for task in (ARC, PPL):
         (bs1, bs1_samples), (bs8, bs8_samples) = smollm2_runs["litllm"][task], smollm2_runs["litllm_bs8"][task]
         # the same float32 sums, accumulated in matmuls blocked for other shapes: equal to a few bits
@@ -150,6 +150,35 @@ def test_chat_template_prompts_equal_hf_backend(smollm2_runs):
         hf.apply_chat_template(history, add_generation_prompt=False)
     prompt = ours.apply_chat_template(history[:2])
     assert ours.tok_encode(prompt) == hf.tok_encode(prompt)
+
+
+def test_contexts_of_different_lengths_in_one_batch_equal_one_at_a_time_and_hf(tiny_chat_model_dir):
+    """Three questions of 7, 3 and 5 context tokens. In one batch each question's longest answer runs whole (one pass,
+    right-padded), and the other answers run on copies of their question's KV cache from where they part from it,
+    at their own positions (a second pass): an answer sharing a token with the longest, one that is its prefix, a
+    single token, and a longer one of another question."""
+    from lm_eval.models.huggingface import HFLM
+
+    questions = [
+        ([101, 102, 103, 104, 105, 106, 107], [[201, 202, 203, 204], [201, 310, 311, 312], [201, 202], [401]]),
+        ([108, 109, 110], [[501, 502, 503], [521, 522, 523, 524, 525, 526]]),
+        ([111, 112, 113, 114, 115], [[601]]),
+    ]
+    requests = [(None, context, answer) for context, answers in questions for answer in answers]
+    ours = LitLLM(tiny_chat_model_dir, batch_size=4)
+    passes = []
+    forward = ours.model.forward
+    ours.model.forward = lambda input_ids, *args, **kwargs: passes.append(len(input_ids)) or forward(input_ids, *args,
+                                                                                                      **kwargs)
+    batched = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert passes == [3, 2]  # the three questions' longest answers together, then the two answers that part early
+    ours.batch_size = 1
+    one_at_a_time = [ours._loglikelihood_tokens([request], disable_tqdm=True)[0] for request in requests]
+    hf = HFLM(pretrained=str(tiny_chat_model_dir), dtype="float32", device="cpu", batch_size=1)
+    theirs = hf._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert_loglikelihoods_close([batched], [one_at_a_time], atol=1e-5)
+    assert_loglikelihoods_close([batched], [theirs], atol=1e-5)
+    assert [greedy for _, greedy in batched] == [greedy for _, greedy in theirs]
 
 
 def test_rolling_windows_equal_hf_backend(tiny_chat_model_dir, task_manager):
