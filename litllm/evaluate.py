@@ -8,9 +8,10 @@ numbers are the `hf` backend's up to float32 rounding.
 Multiple-choice questions score several continuations of one context. Here each question's longest answer runs
 whole, into the KV cache, and every other answer runs only from where it parts from that one (the context, and
 often its first words), on a copy of that cache: a 4-choice question costs one whole answer plus what the three
-others add, instead of four whole sequences. Questions of any lengths share a pass, right-padded, each row at its
-own positions. Only the scored positions go through the output layer and log-softmax (a 49k-word vocabulary makes
-that a fifth of a small model's work), and a position shared by several answers is scored once.
+others add, instead of four whole sequences. Questions of any lengths share a pass, right-padded, and the other
+answers of several batches of questions run sorted by length, each row at its own positions. Only the scored
+positions go through the output layer and log-softmax (a 49k-word vocabulary makes that a fifth of a small
+model's work), and a position shared by several answers is scored once.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ from litllm.training.losses import token_logprobs
 # generation_kwargs a task may set that litllm's sampler understands (lm-eval normalizes max_new_tokens & co.
 # into max_gen_toks, and do_sample/temperature into each other)
 _GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+# batches of questions whose KV-cache rows are kept at once, so that the other answers of all of them are sorted by
+# length together: PIQA's 500 questions (24.2k tokens unpadded) run 26.8k tokens through the model in pools of 4
+# batches, 28.7k one batch at a time. For SmolLM2-135M the KV cache of 32 questions of n tokens is about the size
+# of hf's float32 logits for 8 sequences of n tokens
+_POOL_BATCHES = 4
 
 
 @register_model("litllm")
@@ -43,8 +49,9 @@ class LitLLM(TemplateLM):
     """An lm-eval model over a Hugging Face checkpoint dir, run by litllm.
 
     `adapter` is a LoRA adapter dir (PEFT format); its layers stay separate from the base weights (not merged),
-    so what is evaluated is exactly what training produced. `batch_size` is how many questions (contexts) share
-    one forward pass, and how many of each one's other answers (or documents) run together on the cached rows.
+    so what is evaluated is exactly what training produced. `batch_size` is the number of rows of a forward pass:
+    the longest answers of batch_size questions, or batch_size other answers continuing from their question's
+    cached rows, or batch_size documents.
     """
 
     def __init__(
@@ -163,19 +170,33 @@ class LitLLM(TemplateLM):
         The model input is HFLM's: (context + continuation)[-(max_length + 1):][:-1], i.e. too long a request
         loses tokens on the left. Requests are grouped by what precedes their continuation in that input.
         """
-        by_context: dict[tuple[int, ...], list[_Request]] = {}
+        by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
         for index, (_, context, continuation) in enumerate(requests):
             tokens = (context + continuation)[-(self.max_length + 1):]
-            context_len = len(tokens) - len(continuation)
-            by_context.setdefault(tuple(tokens[:context_len]), []).append(_Request(index, tokens, context_len))
-        # each group longest first; the groups longest first, as lm-eval sorts: a too-large batch fails at once,
-        # and rows of one batch have about one length, so little of it is padding
-        groups = [sorted(group, key=lambda r: -len(r.tokens)) for group in by_context.values()]
+            by_context.setdefault(tuple(tokens[:len(tokens) - len(continuation)]), []).append((index, tokens))
+        groups = []
+        for context, members in by_context.items():
+            members.sort(key=lambda member: -len(member[1]))  # the first is the longest
+            group = []
+            for index, tokens in members:
+                shared = _common_prefix_len(members[0][1][:-1], tokens[:-1])
+                # a request continues from the first only if it shares at least a third of its input: a rest costs
+                # a pass of its own, padded to the longest rest of it, so one that shares less runs whole, with the
+                # firsts (on PIQA: 26.8k tokens through the model, 27.4k when every request continues). A rolling
+                # window shares one token with the other documents of its context: it runs whole
+                if 3 * shared >= len(tokens) - 1:
+                    group.append(_Request(index, tokens, len(context), shared))
+                else:
+                    groups.append([_Request(index, tokens, len(context), len(tokens) - 1)])
+            groups.append(group)
+        # longest first, as lm-eval sorts: a too-large batch fails at once, and the rows of a pass have about one
+        # length, so little of it is padding
         groups.sort(key=lambda group: (-len(group[0].tokens), group[0].tokens))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
-        for start in range(0, len(groups), self.batch_size):
-            for index, result in self._score_groups(groups[start:start + self.batch_size]):
+        pool = _POOL_BATCHES * self.batch_size
+        for start in range(0, len(groups), pool):
+            for index, result in self._score_groups(groups[start:start + pool]):
                 results[index] = result
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], result)
@@ -186,55 +207,58 @@ class LitLLM(TemplateLM):
     def _score_groups(self, groups: list[list[_Request]]) -> Iterator[tuple[int, tuple[float, bool]]]:
         """(request index, its score) for each request of `groups`, as soon as it is scored.
 
-        Each group's first (longest) request runs whole: the groups' first requests, right-padded, fill the KV
-        cache in one pass. Every other request shares a prefix with its group's first, at least the context: its
+        Each group's first (longest) request runs whole, batch_size groups a pass, right-padded, into its group's
+        row of the KV cache. Every other request shares a prefix with the first, at least the context: its
         log-probs up to where the two part are read at the first's positions (each position and target scored
-        once), and only the rest of it runs, on a copy of that KV-cache row, at its own positions. Padding cannot
-        change a real position: attention is causal, so a real token never sees a later pad (nor, in a copy, the
-        first's tokens past the shared prefix, which its own overwrite), and pads are never scored. (The numbers
-        can still move in the last float32 bit with the batch's shape, as matmul kernels pick their blocking by
-        size.)
+        once), and only the rest of it runs, on a copy of that KV-cache row, at its own positions. These rests run
+        batch_size a pass, longest first across all the groups, so that the rows of a pass have about one length.
+        Padding cannot change a real position: attention is causal, so a real token never sees a later pad (nor,
+        in a copy, the first's tokens past the shared prefix, which its own overwrite), and pads are never scored.
+        (The numbers can still move in the last float32 bit with the batch's shape, as matmul kernels pick their
+        blocking by size.)
         """
         model, device = self.model, self.device
         leads = [group[0].tokens[:-1] for group in groups]
-        # each request with its group's row and how much of its input it shares with the group's first
-        shares = [(row, request, _common_prefix_len(leads[row], request.tokens[:-1]))
-                  for row, group in enumerate(groups) for request in group]
-        rest = sorted((share for share in shares if share[2] < len(share[1].tokens) - 1),
-                      key=lambda share: share[2] - len(share[1].tokens))  # longest remainder first
-        # up to batch_size remainders per group in a pass: the other answers of a batch of questions run together,
-        # while the many documents of one rolling-window context still go batch_size at a time
-        rows_per_pass = self.batch_size * len(groups)
-        chunks = [rest[i:i + rows_per_pass] for i in range(0, len(rest), rows_per_pass)]
-        # a chunk's pads continue each row's positions: room for its longest remainder after its latest start
-        cache_len = max([len(lead) for lead in leads] + [max(start for _, _, start in chunk) + len(chunk[0][1].tokens)
-                                                         - 1 - chunk[0][2] for chunk in chunks])
-        model.setup_kv_cache(batch_size=len(groups), max_seq_len=cache_len)
+        # the requests that continue past the first's input, each with its group's row, longest rest first
+        rests = sorted(((row, request) for row, group in enumerate(groups) for request in group if _rest_len(request)),
+                       key=lambda rest: -_rest_len(rest[1]))
+        passes = [rests[i:i + self.batch_size] for i in range(0, len(rests), self.batch_size)]
+        if passes:
+            # a pass's pads continue each row's positions: room for its longest rest after its latest start
+            cache_len = max([len(lead) for lead in leads] + [max(request.shared for _, request in chunk)
+                                                             + _rest_len(chunk[0][1]) for chunk in passes])
+            model.setup_kv_cache(batch_size=len(groups), max_seq_len=cache_len)
         try:
-            width = max(map(len, leads))
-            hidden = model(_right_padded(leads, device), torch.arange(width, device=device),
-                           return_hidden=True)  # (groups, width, hidden_size)
-            columns: dict[tuple[int, int, int], int] = {}  # (row, position, target) -> its column in `scored`
-            picks = {request.index: [columns.setdefault((row, position, request.tokens[position + 1]), len(columns))
-                                     for position in range(request.context_len - 1, start)]
-                     for row, request, start in shares}
-            rows, positions, targets = zip(*columns)
-            scored = self._token_logprobs(hidden[rows, positions], targets)  # (2, len(columns))
-            parts = {index: [scored[:, picked]] for index, picked in picks.items()}
-            yield from _finish([request for _, request, start in shares if start == len(request.tokens) - 1], parts)
+            parts: dict[int, list[torch.Tensor]] = {}  # request index -> its scored positions so far, in order
+            for first in range(0, len(groups), self.batch_size):
+                batch = groups[first:first + self.batch_size]
+                input_ids = _right_padded(leads[first:first + len(batch)], device)
+                if passes:  # into the KV cache, for the rests
+                    hidden = model(input_ids, torch.arange(input_ids.size(1), device=device),
+                                   cache_rows=slice(first, first + len(batch)), return_hidden=True)
+                else:  # nothing continues from these rows: a plain causal pass
+                    hidden = model(input_ids, return_hidden=True)  # (batch, longest, hidden_size)
+                columns: dict[tuple[int, int, int], int] = {}  # (row, position, target) -> its column in `scored`
+                picks = {request.index: [columns.setdefault((row, position, request.tokens[position + 1]), len(columns))
+                                         for position in range(request.context_len - 1, request.shared)]
+                         for row, group in enumerate(batch) for request in group}
+                rows, positions, targets = zip(*columns)
+                scored = self._token_logprobs(hidden[rows, positions], targets)  # (2, len(columns))
+                parts.update((index, [scored[:, picked]]) for index, picked in picks.items())
+                yield from _finish([request for group in batch for request in group if not _rest_len(request)], parts)
 
-            prefilled = model.kv_cache_snapshot()
-            for chunk in chunks:
-                model.restore_kv_cache_rows(prefilled, torch.tensor([row for row, _, _ in chunk], device=device))
-                inputs = [request.tokens[start:-1] for _, request, start in chunk]
-                input_pos = torch.tensor([list(range(start, start + len(inputs[0]))) for _, _, start in chunk],
-                                         device=device)  # (chunk, longest remainder): each row from where it parts
+            prefilled = model.kv_cache_snapshot() if passes else None
+            for chunk in passes:
+                model.restore_kv_cache_rows(prefilled, torch.tensor([row for row, _ in chunk], device=device))
+                inputs = [request.tokens[request.shared:-1] for _, request in chunk]
+                input_pos = torch.tensor([list(range(request.shared, request.shared + len(inputs[0])))
+                                          for _, request in chunk], device=device)  # (chunk, longest rest)
                 hidden = model(_right_padded(inputs, device), input_pos, return_hidden=True)
                 scored = self._token_logprobs(torch.cat([hidden[row, :len(ids)] for row, ids in enumerate(inputs)]),
-                                              [t for _, request, start in chunk for t in request.tokens[start + 1:]])
-                for (_, request, _), part in zip(chunk, scored.split([len(ids) for ids in inputs], dim=1)):
+                                              [t for _, request in chunk for t in request.tokens[request.shared + 1:]])
+                for (_, request), part in zip(chunk, scored.split([len(ids) for ids in inputs], dim=1)):
                     parts[request.index].append(part)
-                yield from _finish([request for _, request, _ in chunk], parts)
+                yield from _finish([request for _, request in chunk], parts)
         finally:
             model.clear_kv_cache()
 
@@ -281,10 +305,12 @@ class LitLLM(TemplateLM):
 
 @dataclass
 class _Request:
-    """One loglikelihood request: the model reads tokens[:-1] and is scored on tokens[context_len:]."""
+    """One loglikelihood request: the model reads tokens[:-1] and is scored on tokens[context_len:]. The first
+    `shared` tokens of tokens[:-1] are its group's first request's too (for the first: all of them)."""
     index: int
     tokens: list[int]
     context_len: int
+    shared: int
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -298,6 +324,11 @@ def _finish(requests: list[_Request], parts: dict[int, list[torch.Tensor]]
     for request in requests:
         logprobs, greedy = torch.cat(parts.pop(request.index), dim=1)  # (len(continuation),) each
         yield request.index, (float(logprobs.sum()), bool(greedy.all()))
+
+
+def _rest_len(request: _Request) -> int:
+    """How many input tokens a request has past those it shares with its group's first."""
+    return len(request.tokens) - 1 - request.shared
 
 
 def _right_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -332,7 +363,7 @@ def main(
             or task YAML files.
         num_fewshot: examples in each prompt (default: the task's own number, else 0).
         limit: evaluate only the first N documents of each task (a fraction below 1: that share of them).
-        batch_size: contexts, and continuations, per forward pass. It changes speed, not the numbers.
+        batch_size: sequences per forward pass. It changes speed, not the numbers.
         include_path: a folder of your own lm-eval task YAMLs. A relative `data_files` path in them is read
             relative to this folder.
         apply_chat_template: render prompts with the checkpoint's chat template (for instruct models).
