@@ -4,9 +4,10 @@
 
 Three shapes of request: ARC-Easy (500 questions, a short context and 4 short answers), PIQA (500 questions, 2 long
 answers that often share their first words), both from the shared data/eval folder, and perplexity
-(loglikelihood_rolling over whole documents cut from a local text). Each backend lives in a process of its own (so each has its own peak RSS), and the two take turns on
-each whole task, hf-litllm-litllm-hf, so that on a shared machine both see about the same load. Checks that every
-document gets the same acc and acc_norm from both, prints one table and appends it to benchmarks/RESULTS.md.
+(loglikelihood_rolling over whole documents cut from a local text). Per task each backend lives in a fresh process
+of its own (so each has its own peak RSS), and the two take turns on the whole task, hf-litllm-litllm-hf, so that
+on a shared machine both see about the same load. Checks that every document gets the same acc and acc_norm from
+both, prints one table and appends it to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -118,11 +119,13 @@ def main() -> None:
     write_perplexity_task(args.perplexity_text.resolve(), args.perplexity_docs, args.perplexity_doc_chars,
                           perplexity_dir)
     include_paths = [args.include_path.resolve(), perplexity_dir]
-    workers = {backend: ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=load_backend,
-                                            initargs=(backend, checkpoint_dir, include_paths, args.batch_size))
-               for backend in BACKENDS}
     rows = []
     for task in args.tasks.split(","):
+        # fresh processes per task: each row's peak RSS is that task's
+        workers = {backend: ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"),
+                                                initializer=load_backend,
+                                                initargs=(backend, checkpoint_dir, include_paths, args.batch_size))
+                   for backend in BACKENDS}
         for worker in workers.values():  # warm-up: the dataset is prepared and the kernels are loaded before timing
             worker.submit(run_task, task, 2).result()
         seconds, runs = {backend: [] for backend in BACKENDS}, {}
@@ -132,6 +135,9 @@ def main() -> None:
                 seconds[backend].append(spent)
                 runs[backend] = (metrics, per_document)
                 print(task, backend, f"{spent:.1f} s", file=sys.stderr)
+        rss = {backend: worker.submit(peak_rss_gb).result() for backend, worker in workers.items()}
+        for worker in workers.values():
+            worker.shutdown()
         (hf, hf_documents), (ours, our_documents) = runs["hf"], runs["litllm"]
         for metric in ("acc", "acc_norm"):
             differ = [h["doc_id"] for h, o in zip(hf_documents, our_documents) if h.get(metric) != o.get(metric)]
@@ -139,15 +145,12 @@ def main() -> None:
         if "word_perplexity,none" in hf:
             drift = ours["word_perplexity,none"] / hf["word_perplexity,none"] - 1
             assert abs(drift) < 1e-4, f"{task} word perplexity: litllm {ours} != hf {hf}"
-        rows.append((task, seconds, {"hf": hf, "litllm": ours}))
-    rss = {backend: worker.submit(peak_rss_gb).result() for backend, worker in workers.items()}
-    for worker in workers.values():
-        worker.shutdown()
+        rows.append((task, seconds, {"hf": hf, "litllm": ours}, rss))
 
     header = ["task", "backend", "seconds (runs)", "docs/s", "acc", "acc_norm", "word perplexity", "peak RSS GB",
               "speed-up"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
-    for task, seconds, metrics in rows:
+    for task, seconds, metrics, rss in rows:
         mean = {backend: sum(runs) / len(runs) for backend, runs in seconds.items()}
         for backend, name in BACKENDS.items():
             m = metrics[backend]
@@ -166,8 +169,8 @@ def main() -> None:
             notes=f"{machine()}; float32, CPU, 0-shot. Each backend in its own process, loaded once; per task the two "
                   f"took turns on the whole task, hf-litllm-litllm-hf ({args.repeats} runs each, seconds their mean), "
                   "so both saw about the same load; seconds are those spent inside the backend's "
-                  "loglikelihood(_rolling) calls, after a 2-document warm-up. Peak RSS: each process's ru_maxrss over "
-                  "all tasks, model loading included. "
+                  "loglikelihood(_rolling) calls, after a 2-document warm-up. Peak RSS: each process's ru_maxrss, "
+                  "model loading included (fresh processes per task). "
                   f"The perplexity task is {args.perplexity_docs} documents of about {args.perplexity_doc_chars} "
                   f"characters cut from {args.perplexity_text.name} at blank lines. Every document's acc and acc_norm "
                   "asserted equal between the backends, and the word perplexities within 1e-4.",
