@@ -224,7 +224,11 @@ def test_fsdp_processes_each_read_their_own_shards_and_train_as_one(smollm2_dir,
     saved, reference = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("two", "one"))
     assert saved.keys() == reference.keys()
     for name in saved:  # gathered back whole, in the layout transformers reads
-        torch.testing.assert_close(saved[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+        # k's bias gets no gradient (softmax ignores a shift shared by every key): its float32 rounding noise, ~1e-11,
+        # is all Adam sees, so its steps (lr * g / (|g| + eps), up to ~1e-6 here) differ with the order of the sums;
+        # 1e-5 is still a hundredth of one real step at lr 1e-3
+        atol = 1e-5 if name.endswith("k_proj.bias") else 1e-6
+        torch.testing.assert_close(saved[name], reference[name], atol=atol, rtol=1e-5, msg=name)
 
 
 def test_tensor_parallel_processes_split_each_block_and_train_as_one(tiny_chat_model_dir, smollm2_dir, tmp_path):
