@@ -48,7 +48,9 @@ def prepare_data(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, max_s
 def build_optimizer(params, name: OptimizerName, args: TrainArgs) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+        # fused: one pass over each parameter instead of a dozen elementwise ops; for SmolLM2's 135M weights on CPU
+        # 0.11 s per step instead of 0.53 s (benchmarks/RESULTS.md), the same update
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     if name == "AdamW8bit":  # optimizer state in 8 bits: a quarter of AdamW's memory
         import bitsandbytes as bnb
 
