@@ -114,6 +114,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad()
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        if torch.is_autocast_enabled(hidden.device.type):
+            # mixed precision: the matmuls in the autocast dtype as autocast would run them, but the weight cast
+            # once rather than twice per chunk, and softmax's gradient cast once to it (not float32 into the matmul)
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -130,14 +136,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
+        return (grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype), grad_weight, None, None
 
 
 def perplexity(mean_cross_entropy: float) -> float:
