@@ -160,7 +160,9 @@ class DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, p):
         mask = dropout_mask(torch.empty(x.shape, dtype=torch.bool, device=x.device), p)  # (see dropout_mask)
-        low_rank = F.linear((x * mask).mul_(1 / (1 - p)), lora_A) * scaling  # (..., r): small, kept
+        # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
+        # over x fewer (likewise in backward)
+        low_rank = F.linear(x * mask, lora_A) * (scaling / (1 - p))  # (..., r): small, kept
         ctx.save_for_backward(x, lora_A, lora_B, low_rank, mask)
         ctx.scaling, ctx.p = scaling, p
         return F.linear(low_rank, lora_B)
@@ -168,17 +170,17 @@ class DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_A, lora_B, low_rank, mask = ctx.saved_tensors
-        scale = 1 / (1 - ctx.p)
         dtype = low_rank.dtype  # the forward's compute dtype (bfloat16 under bf16 autocast)
         x, mask = x.reshape(-1, x.size(-1)), mask.reshape(-1, x.size(-1))  # (N, in)
         grad_out = grad_out.to(dtype).reshape(-1, grad_out.size(-1))  # (N, out)
         low_rank = low_rank.reshape(-1, low_rank.size(-1))  # (N, r)
         grad_B = grad_out.T @ low_rank  # (out, r)
-        grad_low_rank = (grad_out @ lora_B.to(dtype)) * ctx.scaling  # (N, r)
-        grad_A = grad_low_rank.T @ (x * mask).mul_(scale).to(dtype)  # (r, in)
+        # d loss / d (the dropped, rescaled input's rank-r image), rescaled: (N, r)
+        grad_low_rank = (grad_out @ lora_B.to(dtype)) * (ctx.scaling / (1 - ctx.p))
+        grad_A = grad_low_rank.T @ (x * mask).to(dtype)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad_low_rank @ lora_A.to(dtype)).to(x.dtype) * mask).mul_(scale).view(ctx.saved_tensors[0].shape)
+            grad_x = ((grad_low_rank @ lora_A.to(dtype)).to(x.dtype) * mask).view(ctx.saved_tensors[0].shape)
         return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None
 
 
