@@ -4,8 +4,8 @@
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --steps 1 --warmup 0 --seq_len 32 --no_append
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --lora_dropouts 0.05 --compile
 
-`--compile` trains litllm's side as `--train.compile true` does (each block under torch.compile); the compile happens
-in the untimed warm-up steps.
+`--compile` adds a third run per row: litllm trained as `--train.compile true` does (each block under torch.compile;
+the compile happens in the untimed warm-up steps).
 
 Modes: `lora` (r=8, alpha=16, all seven linear layers of every block, at each of --lora_dropouts: 0, and litllm's
 default 0.05, PEFT given the same) and `full` (every weight trained);
@@ -74,7 +74,8 @@ def litllm_step(args):
 
     def step(batch: dict) -> float:
         units = StepUnits(fabric, count_targets(batch))
-        loss = next_token_loss(model, fabric.to_device(batch), chunk_size)
+        with fabric.autocast():  # as the script's fit: the loss, outside the model's forward, in mixed precision too
+            loss = next_token_loss(model, fabric.to_device(batch), chunk_size)
         fabric.backward(loss * units.loss_scale)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -127,11 +128,12 @@ def worker(args) -> None:
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
 
 
-def run_worker(args, side: str, mode: str, precision: str, dropout: float, batches: Path) -> dict:
+def run_worker(args, side: str, mode: str, precision: str, dropout: float, batches: Path, compile: bool = False
+               ) -> dict:
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--precision", precision,
                "--batches", str(batches), "--checkpoint_dir", str(args.checkpoint_dir),
                "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout)]
-    command += ["--compile"] if args.compile else []
+    command += ["--compile"] if compile else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes to the terminal
     if done.returncode:
         raise SystemExit(f"the {side} worker failed ({mode}, {precision}): exit status {done.returncode}")
@@ -150,7 +152,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--lora_dropouts", default="0,0.05", help="LoRA runs at each of these dropouts")
-    parser.add_argument("--compile", action="store_true", help="litllm's blocks under torch.compile (--train.compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run litllm with its blocks under torch.compile (--train.compile)")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -169,28 +172,31 @@ def main() -> None:
         for mode in args.modes.split(","):
             for precision in args.precisions.split(","):
                 for dropout in map(float, args.lora_dropouts.split(",") if mode == "lora" else ["0"]):
-                    hf, ours = (run_worker(args, side, mode, precision, dropout, batches) for side in SIDES)
-                    rows.append((mode if mode == "full" else f"lora, dropout {dropout:g}", precision, hf, ours))
+                    runs = [run_worker(args, side, mode, precision, dropout, batches) for side in SIDES]
+                    if args.compile:
+                        runs.append(run_worker(args, "litllm", mode, precision, dropout, batches, compile=True))
+                    rows.append((mode if mode == "full" else f"lora, dropout {dropout:g}", precision, *runs))
                     print(rows[-1], file=sys.stderr)
 
-    header = ["mode", "precision", "transformers(+PEFT) tok/s", "litllm tok/s", "speed-up",
-              "transformers peak RSS GB", "litllm peak RSS GB", "RSS litllm/transformers",
-              "transformers loss", "litllm loss"]
+    sides = ["transformers(+PEFT)", "litllm"] + (["litllm compiled"] if args.compile else [])
+    header = ["mode", "precision", *(f"{side} tok/s" for side in sides), "speed-up",
+              *(["speed-up compiled"] if args.compile else []), *(f"{side} peak RSS GB" for side in sides),
+              "RSS litllm/transformers", *(["RSS compiled/transformers"] if args.compile else []),
+              *(f"{side} loss" for side in sides)]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
-    for mode, precision, hf, ours in rows:
-        lines.append(
-            f"| {mode} | {precision} | {hf['tokens_per_sec']:.1f} | {ours['tokens_per_sec']:.1f} | "
-            f"{ours['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x | {hf['peak_rss_gb']:.2f} | "
-            f"{ours['peak_rss_gb']:.2f} | {ours['peak_rss_gb'] / hf['peak_rss_gb']:.2f} | "
-            f"{hf['loss']:.4f} | {ours['loss']:.4f} |"
-        )
+    for mode, precision, hf, *ours in rows:
+        cells = [mode, precision, *(f"{run['tokens_per_sec']:.1f}" for run in (hf, *ours)),
+                 *(f"{run['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x" for run in ours),
+                 *(f"{run['peak_rss_gb']:.2f}" for run in (hf, *ours)),
+                 *(f"{run['peak_rss_gb'] / hf['peak_rss_gb']:.2f}" for run in ours),
+                 *(f"{run['loss']:.4f}" for run in (hf, *ours))]
+        lines.append(f"| {' | '.join(cells)} |")
     table = "\n".join(lines)
     print(table)
     if args.no_append:
         return
     append_results(
-        title=f"Fine-tuning, {args.checkpoint_dir.name}, batch {args.batch_size} x {args.seq_len} tokens"
-              + (", litllm compiled (--train.compile)" if args.compile else ""),
+        title=f"Fine-tuning, {args.checkpoint_dir.name}, batch {args.batch_size} x {args.seq_len} tokens",
         command="python " + " ".join(sys.argv),
         table=table,
         notes=f"{machine()}; each side in its own process (peak RSS: that process's ru_maxrss, model loading "
