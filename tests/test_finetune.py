@@ -340,8 +340,10 @@ def test_existing_out_dir_is_never_overwritten_silently(tiny_chat_model_dir, tmp
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains):
+def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains, autocast):
+    """Against the loss as transformers computes it: under autocast, bfloat16 logits made float32 for the loss."""
     from litllm.training.losses import cross_entropy_sum
 
     torch.manual_seed(0)
@@ -349,18 +351,24 @@ def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains):
     hidden = torch.randn(3, 17, 32, requires_grad=True)
     labels = torch.randint(0, 1000, (3, 17))
     labels[0, :5] = -100  # a masked prompt
-    ours = cross_entropy_sum(lm_head, hidden, labels, chunk_size=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = cross_entropy_sum(lm_head, hidden, labels, chunk_size=7)
     ours.backward()
     ours_grads = [hidden.grad.clone()] + ([lm_head.weight.grad.clone()] if weight_trains else [])
     hidden.grad, lm_head.weight.grad = None, None
-    logits = lm_head(hidden[:, :-1]).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = lm_head(hidden[:, :-1]).float()
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
     expected.backward()
     expected_grads = [hidden.grad] + ([lm_head.weight.grad] if weight_trains else [])
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-6)
     for a, b in zip(ours_grads, expected_grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert a.dtype == b.dtype == torch.float32  # the parameters' dtype, as autograd gives them
+        # under autocast both round softmax's gradient to bfloat16 before the matmul, in other chunkings
+        tolerance = {"atol": 1.6e-2 * float(b.abs().max()), "rtol": 1.6e-2} if autocast else {"atol": 1e-6,
+                                                                                              "rtol": 1e-5}
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 def test_logged_tokens_per_sec_is_the_rate_of_the_steps_since_the_last_log(monkeypatch):
