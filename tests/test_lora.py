@@ -10,7 +10,7 @@ from litllm.checkpoint import litllm_to_hf, load_model
 from litllm.errors import UserError
 from litllm.lora import (
     LINEAR_LAYERS, DroppedLowRank, LoRAConfig, LoRALinear, apply_lora, count_parameters, disable_adapters,
-    dropped_low_rank, load_adapter, lora_state_dict, merge_lora, save_adapter,
+    dropout_mask, dropped_low_rank, kept_fraction, load_adapter, lora_state_dict, merge_lora, save_adapter,
 )
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,25 +76,67 @@ def test_lora_forward_equals_peft(llama, tmp_path, dora):
         torch.testing.assert_close(model(x), peft(x).logits, atol=1e-5, rtol=0)
 
 
+class GivenMasks(nn.Module):
+    """Dropout in PEFT's place that applies the next of the masks litllm drew, layer by layer in call order."""
+
+    def __init__(self, masks: list[torch.Tensor], p: float) -> None:
+        super().__init__()
+        self.masks, self.p = masks, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.masks.pop(0) / (1 - self.p)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path, dora):
-    """In training mode with dropout; both draw the same dropout masks from the same seed, layer by layer."""
+def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path, monkeypatch, dora):
+    """In training mode with dropout: PEFT's dropout layers given the masks litllm drew (litllm draws its own way, see
+    lora.dropout_mask), layer by layer. p = 1/4 is a multiple of 1/65536: the scale 1 / (1 - p) is PEFT's own."""
+    import litllm.lora
+
     checkpoint_dir, _ = llama
-    config = LoRAConfig(r=4, alpha=8, dropout=0.3, targets=["q_proj", "v_proj", "down_proj"], dora=dora)
+    config = LoRAConfig(r=4, alpha=8, dropout=0.25, targets=["q_proj", "v_proj", "down_proj"], dora=dora)
     model = lora_model(checkpoint_dir, config).train()
     peft = peft_model(save_tiny_hf_model("llama", tmp_path), config).train()
     copy_lora_into_peft(model, peft)
+    masks = []
+    draw = litllm.lora.keep_mask
+    monkeypatch.setattr(litllm.lora, "keep_mask", lambda x, p: masks.append(draw(x, p)) or masks[-1])
+    for module in peft.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = GivenMasks(masks, config.dropout)
     x = input_ids()
-    torch.manual_seed(3)
     ours = model(x)
-    torch.manual_seed(3)
+    dropped = 1 - float(torch.cat([mask.flatten() for mask in masks]).float().mean())
+    assert len(masks) == 2 * 3 and 0.2 < dropped < 0.3
     theirs = peft(x).logits
+    assert masks == []  # PEFT applied each, once
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     ours.square().mean().backward()
     theirs.square().mean().backward()
     ours_grad = model.layers[1].mlp.down_proj.lora_A.weight.grad
     theirs_grad = peft.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.grad
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_masks_keep_each_element_independently_with_the_given_probability(p):
+    # four 16-bit draws from each 64-bit one: each lane of a draw, and each pair of lanes, is checked; 999,999 elements
+    # (not a multiple of 4) so the last draw is cut
+    torch.manual_seed(0)
+    like = torch.empty(999_999, dtype=torch.bool)
+    mask = dropout_mask(like, p)
+    assert mask.dtype == torch.bool and mask.shape == like.shape
+    lanes = mask[:999_996].view(-1, 4).double()  # (draws, 4)
+    keep, n = kept_fraction(p), lanes.size(0)
+    assert abs(keep - (1 - p)) <= 1 / 131072  # p to the nearest multiple of 1/65536
+    for lane in range(4):  # each within 5 standard deviations of its expectation
+        assert abs(lanes[:, lane].mean() - keep) < 5 * (keep * (1 - keep) / n) ** 0.5
+        for other in range(lane + 1, 4):
+            both = lanes[:, lane] * lanes[:, other]
+            assert abs(both.mean() - keep ** 2) < 5 * (keep ** 2 * (1 - keep ** 2) / n) ** 0.5
+    assert not torch.equal(dropout_mask(like, p), mask)  # a new draw each call
+    torch.manual_seed(0)
+    assert torch.equal(dropout_mask(like, p), mask)  # from the global generator: the seed decides
 
 
 def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -120,7 +162,7 @@ def test_dropped_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, 0.3)
         grads = torch.autograd.grad(out.float().square().sum(), (x, lora_A, lora_B))
-        results[name] = out, grads, [t for t in saved if t.shape == x.shape]
+        results[name] = out, grads, [t for t in saved if t.numel() == x.numel()]
     (fused, fused_grads, fused_saved), (plain, plain_grads, plain_saved) = results["fused"], results["plain"]
     # equal but for rounding: the fused version applies dropout's 1 / (1 - p) to the rank-r product, not to x. Float32
     # rounding is relative to the size of the summed terms, so the tolerance is relative to the largest element
@@ -130,7 +172,7 @@ def test_dropped_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_
         torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * float(reference.abs().max()))
     assert (x.grad is None) and 0.5 < (fused_grads[0] == 0).float().mean() / 0.3 < 1.5  # about p of x is dropped
     # besides x: the plain version keeps a dropped copy of x, the fused one only a one-byte mask
-    assert sum(t.element_size() for t in plain_saved if t.data_ptr() != x.data_ptr()) >= x.element_size()
+    assert any(t.is_floating_point() for t in plain_saved if t.data_ptr() != x.data_ptr())
     assert [t.dtype for t in fused_saved if t.data_ptr() != x.data_ptr()] == [torch.bool]
 
 
@@ -311,6 +353,8 @@ def test_unknown_targets_are_refused(llama, litllm_adapter, tmp_path):
     with pytest.raises(UserError, match="adapter_config.json: target_modules entry 'embed_tokens'"):
         load_adapter(load_model(llama[0]), adapter)
     assert set(LINEAR_LAYERS) == set(ALL_LINEAR) | {"lm_head"}
+    with pytest.raises(UserError, match=r"--lora.dropout 1.0: a probability from 0 up to \(not including\) 1"):
+        apply_lora(load_model(llama[0]), LoRAConfig(dropout=1.0))
 
 
 def test_llm_load_with_adapter(llama, litllm_adapter, tmp_path):
