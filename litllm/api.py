@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, load_model, parse_device, parse_dtype
-from litllm.decode import column_major_weights, generate_tokens, stream_text
+from litllm.decode import generate_tokens, row_block_linears, stream_text
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
@@ -46,7 +46,7 @@ class LLM:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
             model = merge_lora(model)
         if device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
-            column_major_weights(model)
+            row_block_linears(model)
         return cls(model, tokenizer, checkpoint_dir, compile=compile)
 
     def generate(

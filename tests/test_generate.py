@@ -1,10 +1,13 @@
 """Decoding on the real SmolLM2 checkpoint against transformers' `generate`."""
+from contextlib import contextmanager
+
 import pytest
 import torch
+import torch.nn as nn
 
 from litllm import LLM
 from litllm.checkpoint import load_model
-from litllm.decode import generate_tokens, sample, stream_text
+from litllm.decode import RowBlockLinear, generate_tokens, row_block_linears, sample, stream_text
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -29,10 +32,22 @@ def hf_model(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
+@contextmanager
+def threads(count: int):
+    """torch's thread count set to `count` for a while (the suite runs each worker with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("messages", CHATS)
 def test_greedy_generation_equals_transformers(llm, hf_model, messages):
     prompt_ids = llm.tokenizer.encode_chat(messages)
-    ours = list(generate_tokens(llm.model, prompt_ids, max_new_tokens=40, stop_ids=llm.tokenizer.stop_ids))
+    with threads(2):  # LLM.load's one-row products then run in two row blocks (RowBlockLinear)
+        ours = list(generate_tokens(llm.model, prompt_ids, max_new_tokens=40, stop_ids=llm.tokenizer.stop_ids))
     expected = hf_model.generate(
         torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
         max_new_tokens=40, do_sample=False, eos_token_id=llm.tokenizer.stop_ids,
@@ -49,8 +64,9 @@ def test_llm_api_generate_chat_and_logits(llm, hf_model):
     logits = llm.model(torch.tensor([ids]))
     assert logits.shape == (1, len(ids), llm.model.config.vocab_size) and logits.dtype == torch.float32
     reference = hf_model(torch.tensor([ids])).logits
-    # LLM.load keeps linear weights column-major for decoding speed: other matmul kernels, another summation order,
-    # so it is compared with the float64 truth, against which it must be as accurate as transformers' float32
+    # LLM.load's linear layers compute one row in row blocks (RowBlockLinear): other matmul kernels, another
+    # summation order, so it is compared with the float64 truth, against which it must be as accurate as
+    # transformers' float32
     exact = hf_model.to(torch.float64)(torch.tensor([ids])).logits
     hf_model.to(torch.float32)
     assert (logits - exact).abs().max() <= 1.5 * (reference - exact).abs().max()
@@ -58,6 +74,29 @@ def test_llm_api_generate_chat_and_logits(llm, hf_model):
     torch.testing.assert_close(load_model(llm.checkpoint_dir)(torch.tensor([ids])), reference, atol=1e-4, rtol=0)
     completion = llm.generate("The capital of Germany is", max_new_tokens=8)
     assert completion == "".join(llm.generate("The capital of Germany is", max_new_tokens=8, stream=True))
+
+
+def test_row_block_linears_compute_one_row_in_blocks_and_keep_the_parameters(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(33, 64), "proj": nn.Linear(64, 96), "head": nn.Linear(64, 33, False)})
+    for param in model.parameters():
+        nn.init.normal_(param, generator=generator)
+    model.head.weight = model.embed.weight  # tied, as a tied lm_head
+    one, rows = torch.randn(1, 1, 64, generator=generator), torch.randn(2, 5, 64, generator=generator)
+    expected = {name: (model[name](one), model[name](rows)) for name in ("proj", "head")}
+    row_block_linears(model)
+    assert type(model.proj) is RowBlockLinear and model.head.weight is model.embed.weight
+    bmm_calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(args[1].shape) or bmm(*args))
+    # 2 threads: proj's 96 rows in 2 blocks of 48; head's 33 do not split in 2 (plain); 3 threads: 3 x 32, 3 x 11
+    for count, blocks in ((2, [(2, 64, 48)]), (3, [(3, 64, 32), (3, 64, 11)])):
+        bmm_calls.clear()
+        with threads(count):
+            for name, (one_expected, rows_expected) in expected.items():
+                torch.testing.assert_close(model[name](one), one_expected)
+                torch.testing.assert_close(model[name](rows), rows_expected)  # several rows: the plain product
+        assert bmm_calls == blocks
 
 
 def test_stop_string_ends_the_completion(llm):
