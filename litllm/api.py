@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from litllm.checkpoint import check_checkpoint_dir, load_model, parse_device, parse_dtype
+from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
 from litllm.decode import generate_tokens, row_block_linears, stream_text
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT
@@ -39,8 +39,7 @@ class LLM:
         faster per token (most in bfloat16/float16), at a one-off cost of about a minute on a small CPU."""
         checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         device = parse_device(device)
-        dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else None)
-        model = load_model(checkpoint_dir, dtype=dtype, device=device)
+        model = load_model(checkpoint_dir, dtype=inference_dtype(dtype, device), device=device)
         tokenizer = Tokenizer(checkpoint_dir)
         if adapter is not None:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)

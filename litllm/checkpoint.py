@@ -1,9 +1,12 @@
 """Hugging Face checkpoint directories in and out. The HF <-> litllm parameter-name map lives here only."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,6 +64,42 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise UserError(f"dtype '{dtype}' is not a floating-point torch dtype (try float32, bfloat16, float16)")
     return value
+
+
+def inference_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """The dtype to run a model in: the one asked for, else float32 on CPU (half-precision CPU matmuls are slower and
+    less exact) and the checkpoint's own (None) on GPU."""
+    dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else None)
+    warn_if_slow_on_cpu(dtype, device, "--dtype float32")
+    return dtype
+
+
+def warn_if_slow_on_cpu(dtype: torch.dtype | None, device: torch.device, fix: str) -> None:
+    """One warning line when matrix products in `dtype` (bfloat16, float16) run far slower on this CPU than in float32:
+    without AVX-512 PyTorch has no fast half-precision kernel (on a 2-core AVX2 AMD EPYC: 1.4 against 130 GFLOP/s)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return
+    slowdown = cpu_matmul_slowdown(dtype)
+    if slowdown >= 4:
+        print(f"warning: {str(dtype).removeprefix('torch.')} matrix products run {slowdown:.0f}x slower than float32 "
+              f"on this CPU (measured just now); {fix} is faster here", file=sys.stderr)
+
+
+@functools.cache
+def cpu_matmul_slowdown(dtype: torch.dtype) -> float:
+    """How many times longer a 256 x 256 by 256 x 256 matrix product takes in `dtype` than in float32 on this CPU
+    (best of 3 each; a few milliseconds where the dtype is fast, ~30 ms where it is not)."""
+    def best_seconds(dtype: torch.dtype) -> float:
+        a = torch.ones(256, 256, dtype=dtype)
+        a @ a  # first call: kernel selection
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_seconds(dtype) / best_seconds(torch.float32)
 
 
 def parse_device(device: torch.device | str | None) -> torch.device:

@@ -26,7 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from litllm.checkpoint import check_checkpoint_dir, load_model, parse_device, parse_dtype
+from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
 from litllm.decode import column_major_weights, generate_tokens, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
@@ -69,9 +69,7 @@ class LitLLM(TemplateLM):
             raise UserError(f"batch_size must be a positive integer, not {batch_size!r} (litllm has no 'auto')")
         checkpoint_dir = check_checkpoint_dir(pretrained)
         self._device = parse_device(device)
-        # float32 on CPU, as LLM.load: CPU matmuls in half precision are slower and less exact
-        dtype = parse_dtype(dtype) or (torch.float32 if self._device.type == "cpu" else None)
-        self.model: GPT = load_model(checkpoint_dir, dtype=dtype, device=self._device)
+        self.model: GPT = load_model(checkpoint_dir, dtype=inference_dtype(dtype, self._device), device=self._device)
         if adapter is not None:
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
         if self._device.type == "cpu" and self.model.embed_tokens.weight.dtype == torch.float32:

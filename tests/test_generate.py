@@ -99,6 +99,27 @@ def test_row_block_linears_compute_one_row_in_blocks_and_keep_the_parameters(mon
         assert bmm_calls == blocks
 
 
+def test_half_precision_on_a_cpu_without_fast_kernels_is_warned_about(tiny_chat_model_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    import litllm.checkpoint
+    from litllm.training.fabric import setup_fabric
+
+    assert litllm.checkpoint.cpu_matmul_slowdown(torch.float16) > 0  # measured on this machine: fast or not
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 60.0)  # as on a 2-core AVX2 EPYC
+    LLM.load(tiny_chat_model_dir, dtype="bf16")
+    LLM.load(tiny_chat_model_dir)  # float32: nothing to say
+    setup_fabric(tmp_path, "bf16-true", "csv")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: bfloat16 matrix products run 60x slower than float32 on this CPU (measured just now); --dtype "
+        "float32 is faster here",
+        "warning: bfloat16 matrix products run 60x slower than float32 on this CPU (measured just now); --precision "
+        "32-true is faster here"]
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
+    LLM.load(tiny_chat_model_dir, dtype="bf16")
+    setup_fabric(tmp_path, "bf16-mixed", "csv")
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_stop_string_ends_the_completion(llm):
     full = llm.generate("1, 2, 3, 4,", max_new_tokens=16)
     assert " 7" in full

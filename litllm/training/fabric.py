@@ -17,7 +17,7 @@ from lightning_fabric.loggers import Logger
 from lightning_fabric.strategies import ModelParallelStrategy
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from litllm.checkpoint import load_model, weight_sources
+from litllm.checkpoint import load_model, warn_if_slow_on_cpu, weight_sources
 from litllm.config import Config
 from litllm.errors import UserError
 from litllm.model import GPT, rope_frequencies
@@ -89,6 +89,9 @@ def setup_fabric(out_dir: Path, precision: str | None, logger: LoggerName, devic
     except ValueError as e:  # Fabric's message lists the valid precisions
         raise UserError(f"--precision: {' '.join(str(e).split())}") from None
     fabric.launch()
+    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(fabric.strategy.precision.precision).split("-")[0])
+    if fabric.global_rank == 0:
+        warn_if_slow_on_cpu(half, fabric.device, "--precision 32-true")
     return fabric
 
 
