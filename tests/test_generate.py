@@ -76,27 +76,28 @@ def test_llm_api_generate_chat_and_logits(llm, hf_model):
     assert completion == "".join(llm.generate("The capital of Germany is", max_new_tokens=8, stream=True))
 
 
-def test_row_block_linears_compute_one_row_in_blocks_and_keep_the_parameters(monkeypatch):
+def test_row_block_linears_compute_a_few_rows_in_blocks_and_keep_the_parameters(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     model = nn.ModuleDict({"embed": nn.Embedding(33, 64), "proj": nn.Linear(64, 96), "head": nn.Linear(64, 33, False)})
     for param in model.parameters():
         nn.init.normal_(param, generator=generator)
     model.head.weight = model.embed.weight  # tied, as a tied lm_head
-    one, rows = torch.randn(1, 1, 64, generator=generator), torch.randn(2, 5, 64, generator=generator)
-    expected = {name: (model[name](one), model[name](rows)) for name in ("proj", "head")}
+    inputs = [torch.randn(shape, generator=generator) for shape in [(1, 1, 64), (2, 5, 64), (1, 257, 64)]]
+    expected = {name: [model[name](x) for x in inputs] for name in ("proj", "head")}
     row_block_linears(model)
     assert type(model.proj) is RowBlockLinear and model.head.weight is model.embed.weight
     bmm_calls = []
     bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(args[1].shape) or bmm(*args))
-    # 2 threads: proj's 96 rows in 2 blocks of 48; head's 33 do not split in 2 (plain); 3 threads: 3 x 32, 3 x 11
-    for count, blocks in ((2, [(2, 64, 48)]), (3, [(3, 64, 32), (3, 64, 11)])):
+    # 1 and 10 rows in blocks, 257 (more than max_rows) plain. 2 threads: proj's 96 weight rows in 2 blocks of 48, head's
+    # 33 do not split in 2 (plain); 3 threads: 3 x 32 and 3 x 11
+    for count, blocks in ((2, [(2, 64, 48)] * 2), (3, [(3, 64, 32)] * 2 + [(3, 64, 11)] * 2)):
         bmm_calls.clear()
         with threads(count):
-            for name, (one_expected, rows_expected) in expected.items():
-                torch.testing.assert_close(model[name](one), one_expected)
-                torch.testing.assert_close(model[name](rows), rows_expected)  # several rows: the plain product
-        assert bmm_calls == blocks
+            for name, outputs in expected.items():
+                for x, output in zip(inputs, outputs):
+                    torch.testing.assert_close(model[name](x), output)
+        assert bmm_calls == blocks and RowBlockLinear.max_rows == 256
 
 
 def test_half_precision_on_a_cpu_without_fast_kernels_is_warned_about(tiny_chat_model_dir, tmp_path, monkeypatch,
