@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import generate_tokens, row_block_linears, stream_text
+from litllm.decode import column_major_weights, generate_tokens, row_block_linears, stream_text
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
@@ -45,7 +45,9 @@ class LLM:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
             model = merge_lora(model)
         if device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
-            row_block_linears(model)
+            # eager: one-row products a thread per block of weight rows; compiled: column-major weights, the layout
+            # measured best for inductor's kernels (no better or worse than row blocks on an AVX2 EPYC; RESULTS.md)
+            (column_major_weights if compile else row_block_linears)(model)
         return cls(model, tokenizer, checkpoint_dir, compile=compile)
 
     def generate(
