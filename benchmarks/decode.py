@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per side")
+    parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -90,7 +91,7 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).eval()
         eager = LLM.load(args.checkpoint_dir, dtype=dtype)
-        compiled = LLM(eager.model, eager.tokenizer, eager.checkpoint_dir, compile=True)
+        compiled = LLM.load(args.checkpoint_dir, dtype=dtype, compile=True)  # as `--compile true` loads it
         prompt_ids = eager.tokenizer.encode_chat(PROMPT)
         time_transformers(hf, prompt_ids, 8), time_litllm(eager, prompt_ids, 8)  # warm-up
         compile_seconds = time_litllm(compiled, prompt_ids, 8)[0]  # compiles the decode step
@@ -124,6 +125,8 @@ def main() -> None:
                          f"{same}/{args.new_tokens} |")
     table = "\n".join(lines)
     print(table)
+    if args.no_append:
+        return
     append_results(
         title=f"Greedy decode, {args.checkpoint_dir.name}, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens",
         command="python " + " ".join(sys.argv),
