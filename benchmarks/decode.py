@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import append_results, machine
+from common import append_results, machine, too_slow_here
 
 from litllm import LLM
 from litllm.decode import generate_tokens
+from litllm.tokenizer import Tokenizer
 
 PROMPT = [{"role": "user", "content": "Explain in detail how a steam engine works, step by step."}]
 
@@ -86,13 +87,16 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    rows = []
+    prompt_ids = Tokenizer(args.checkpoint_dir).encode_chat(PROMPT)
+    rows, skipped = [], []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
+        if reason := too_slow_here(dtype):
+            skipped.append(reason)
+            continue
         hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).eval()
         eager = LLM.load(args.checkpoint_dir, dtype=dtype)
         compiled = LLM.load(args.checkpoint_dir, dtype=dtype, compile=True)  # as `--compile true` loads it
-        prompt_ids = eager.tokenizer.encode_chat(PROMPT)
         time_transformers(hf, prompt_ids, 8), time_litllm(eager, prompt_ids, 8)  # warm-up
         compile_seconds = time_litllm(compiled, prompt_ids, 8)[0]  # compiles the decode step
         theirs = min(time_transformers(hf, prompt_ids, args.new_tokens) for _ in range(args.repeats))
@@ -112,6 +116,7 @@ def main() -> None:
     for name, _, hf_tps, tps, ratio, ctps, cratio, compile_s, same, same_compiled in rows:
         lines.append(f"| {name} | {hf_tps:.1f} | {tps:.1f} | {ratio:.2f}x | {ctps:.1f} | {cratio:.2f}x | "
                      f"{compile_s:.0f} | {same} | {same_compiled} |")
+    lines += [""] + skipped if skipped else []
     if importlib.util.find_spec("llama_cpp") is None:
         lines.append("\nllama.cpp: not measured (llama_cpp, from the llama-cpp-python package, is not importable here)")
     else:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import append_results, machine
+from common import append_results, machine, too_slow_here
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("transformers", "litllm")
@@ -176,13 +176,17 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    rows = []
+    rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         batches = Path(tmp) / "batches.pt"
         data = build_batches(args.checkpoint_dir, args.data, args.warmup + args.steps, args.batch_size, args.seq_len)
         torch.save(data, batches)
         for mode in args.modes.split(","):
             for precision in args.precisions.split(","):
+                if reason := too_slow_here(torch.bfloat16 if precision.startswith("bf16") else
+                                           torch.float16 if precision.startswith("16") else torch.float32):
+                    skipped.append(f"{mode}, {precision}: {reason}")
+                    continue
                 for dropout in map(float, args.lora_dropouts.split(",") if mode == "lora" else ["0"]):
                     columns = [(side, False) for side in SIDES] + ([("litllm", True)] if args.compile else [])
                     repeats = [[run_worker(args, side, mode, precision, dropout, batches, compile)
@@ -204,6 +208,7 @@ def main() -> None:
                  *(f"{run['peak_rss_gb'] / hf['peak_rss_gb']:.2f}" for run in ours),
                  *(f"{run['loss']:.4f}" for run in (hf, *ours))]
         lines.append(f"| {' | '.join(cells)} |")
+    lines += [""] + skipped if skipped else []
     table = "\n".join(lines)
     print(table)
     if args.no_append:
