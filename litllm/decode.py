@@ -14,8 +14,7 @@ from litllm.model import GPT
 
 def column_major_weights(model: GPT) -> None:
     """Store each linear weight transposed in memory (same values, same shape to every caller): the faster layout
-    for a compiled decode step (inductor's kernels; measured on AVX-512 17 vs 11 GB/s). Eager decoding takes
-    row_block_linears instead."""
+    for a compiled decode step (benchmarks/RESULTS.md). Eager decoding takes row_block_linears instead."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight = torch.nn.Parameter(module.weight.detach().t().contiguous().t(),
