@@ -371,6 +371,23 @@ def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains, a
         torch.testing.assert_close(a, b, **tolerance)
 
 
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_chunked_cross_entropy_without_gradients_runs_only_the_logits_product(weight_trains):
+    """Validation (torch.no_grad()) gets the training loss but does not compute the gradients training needs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from litllm.training.losses import cross_entropy_sum
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(32, 1000, bias=False).requires_grad_(weight_trains)
+    hidden, labels = torch.randn(2, 9, 32, requires_grad=True), torch.randint(0, 1000, (2, 9))
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        loss = cross_entropy_sum(lm_head, hidden, labels, chunk_size=5)
+    assert flops.get_total_flops() == 2 * (2 * 8) * 32 * 1000  # (16 targets, 32) @ (32, 1000), nothing else
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, cross_entropy_sum(lm_head, hidden, labels, chunk_size=5).detach())
+
+
 def test_logged_tokens_per_sec_is_the_rate_of_the_steps_since_the_last_log(monkeypatch):
     """A slow first step (start-up costs) does not pull down the rate logged later: each log covers its own steps."""
     from litllm.training.args import TrainArgs

@@ -43,6 +43,8 @@ def cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Te
     """
     hidden, targets, _ = target_hidden(hidden, labels)
     if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+        if not torch.is_grad_enabled():  # e.g. validation: no gradients computed
+            return linear_cross_entropy(hidden, lm_head.weight, targets, chunk_size)[0]
         return LinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_size)
     return -token_logprobs(lm_head, hidden, targets, chunk_size)[0].sum()
 
@@ -108,33 +110,15 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     d loss / d logits = softmax(logits) - onehot(target) is known as soon as a chunk's logits are, so the
     gradients for hidden (and weight) are accumulated right away and the logits freed: no logits are kept
-    for backward and none are recomputed.
+    for backward and none are recomputed. Under torch.no_grad() call linear_cross_entropy directly: in here
+    needs_input_grad says which inputs require grad, not whether gradients are wanted.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad()
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            # mixed precision: the matmuls in the autocast dtype as autocast would run them, but the weight cast
-            # once rather than twice per chunk, and softmax's gradient cast once to it (not float32 into the matmul)
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.size(0), chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = (h @ weight.T).float()  # (chunk, vocab)
-            log_z = logits.logsumexp(dim=-1)
-            total += (log_z - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-            if needs_grad:
-                grad_logits = logits.sub_(log_z.unsqueeze(1)).exp_()  # softmax, in place
-                grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
-                grad_logits = grad_logits.to(h.dtype)
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight
-                if grad_weight is not None:
-                    grad_weight += (grad_logits.T @ h).float()
+        total, grad_hidden, grad_weight = linear_cross_entropy(hidden, weight, targets, chunk_size,
+                                                               *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -143,6 +127,34 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
         return (grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype), grad_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                         hidden_grad: bool = False, weight_grad: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The summed loss (float32), and the gradients of it asked for (None otherwise): d/d hidden in hidden's dtype
+    (the autocast dtype under autocast), d/d weight in float32."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        # mixed precision: the matmuls in the autocast dtype as autocast would run them, but the weight cast
+        # once rather than twice per chunk, and softmax's gradient cast once to it (not float32 into the matmul)
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if hidden_grad or weight_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
+    for start in range(0, hidden.size(0), chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        logits = (h @ weight.T).float()  # (chunk, vocab)
+        log_z = logits.logsumexp(dim=-1)
+        total += (log_z - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+        if grad_hidden is not None:
+            grad_logits = logits.sub_(log_z.unsqueeze(1)).exp_()  # softmax, in place
+            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
+            grad_logits = grad_logits.to(h.dtype)
+            grad_hidden[start:start + chunk_size] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+    return total, grad_hidden, grad_weight
 
 
 def perplexity(mean_cross_entropy: float) -> float:
