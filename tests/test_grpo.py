@@ -24,6 +24,7 @@ from litllm.reward import RewardModel
 from litllm.rewards import accuracy, answer_line, load_rewards, number_only
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import TrainArgs
+from litllm.training.rollouts import rollout_metrics
 from runs import litllm, logged
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -124,11 +125,10 @@ def test_group_advantages_and_an_all_equal_group():
 
     # the log says how many groups taught nothing, and each reward's mean and std over what it scored
     _, std = group_advantages(rewards, 4)
-    run = grpo.Run(L.Fabric(accelerator="cpu", devices=1), None, load_rewards(["number_only", "accuracy"]), [1.0, 1.0],
-                   None, TrainArgs(), GRPOArgs(num_generations=4), 0, Path())
     per_reward = torch.stack([rewards, torch.tensor([1.0, float("nan")] * 4)], dim=1)
     samples = [{"completion_ids": [1] * (i + 1), "truncated": i == 7} for i in range(8)]
-    metrics = grpo.rollout_metrics(run, samples, per_reward, rewards, std)
+    metrics = rollout_metrics(L.Fabric(accelerator="cpu", devices=1), load_rewards(["number_only", "accuracy"]),
+                              samples, per_reward, rewards, std)
     assert metrics["frac_reward_zero_std"] == 0.5 and metrics["reward"] == pytest.approx(0.5)
     assert metrics["reward_std"] == pytest.approx(first.std().item() / 2)
     assert metrics["rewards/number_only/std"] == pytest.approx(rewards.std().item())

@@ -27,15 +27,14 @@ and a run on more devices sample what one uninterrupted process does.
 
 setup() builds Fabric, the model, the data, the rewards and the optimizer; fit() is the loop, rollouts() the sampling,
 group_advantages() and grpo_token_loss() with aggregate() the objective, all here to edit. The mechanics they call
-(checkpoints, resume, logging) live in litllm.training.
+(checkpoints, resume, logging; scoring with the rewards on every device, the rollout metrics, the completions log in
+litllm.training.rollouts) live in litllm.training.
 Outputs: PEFT adapter dirs (or, with --full true, Hugging Face model dirs) under out_dir (step-NNNNNN/ and final/),
 logs under out_dir/logs, with a few sampled completions and their rewards in completions.jsonl beside the metrics.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -63,12 +62,13 @@ from litllm.training.fabric import check_strategy, full_weights, model_dtype, se
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_validated, mean_over_devices, prepare_data,
                                   setup_training, step_indices)
 from litllm.training.losses import target_hidden, token_logprobs_and_entropy
+from litllm.training.rollouts import (completions_log, global_std, rollout_metrics, sampling_seed,
+                                      score_everywhere, write_completions)
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 Advantage = Literal["group", "rloo"]
-RESERVED = ("prompt", "completion", "completion_ids")  # data columns never passed to reward functions (as TRL)
 
 
 @dataclass
@@ -258,7 +258,7 @@ def setup(
         copy_tokenizer_files(checkpoint_dir, directory)
 
     fabric.print(f"Rewards: {', '.join(f'{r.name} (x{w:g})' for r, w in zip(rewards, weights))}")
-    run = Run(fabric, tokenizer, rewards, weights, reference, train, grpo, seed, log_dir(fabric, out_dir))
+    run = Run(fabric, tokenizer, rewards, weights, reference, train, grpo, seed, completions_log(fabric, out_dir))
     with Checkpoints(fabric, out_dir, save_weights, train) as checkpoints:
         fit(run, model, optim, scheduler, progress, train_data, val_data, total_steps, checkpoints)
     final = out_dir / "final"
@@ -301,12 +301,6 @@ def grpo_total_steps(train: TrainArgs, grpo: GRPOArgs, n_prompts: int) -> int:
     return train.max_steps or grpo.num_iterations * max(1, math.ceil(train.epochs * n_prompts / prompts_per_step))
 
 
-def log_dir(fabric: L.Fabric, out_dir: Path) -> Path:
-    """Where this run's logger writes (logs/version_N for csv and tensorboard), for the sampled completions."""
-    directory = getattr(fabric.logger, "log_dir", None) if fabric.loggers else None
-    return Path(directory) if directory else out_dir / "logs"
-
-
 @dataclass
 class Run:
     """What every step of a run uses: the rewards and their weights, the reference (called, a context manager yielding
@@ -320,17 +314,10 @@ class Run:
     train: TrainArgs
     grpo: GRPOArgs
     seed: int
-    log_dir: Path
+    completions_log: Path  # where write_completions appends
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
-
-
-def sampling_seed(seed: int, rollout: int, slot: int) -> int:
-    """The seed of one group's sampling: a function of (run seed, rollout step, the group's place in the step's
-    batch of prompts) only, so any device, in any run that reaches this step, draws the same completions (and a prompt
-    that comes twice in one batch gets two different groups)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rollout}:{slot}".encode()).digest()[:8], "little") >> 1
 
 
 @torch.no_grad()
@@ -352,41 +339,6 @@ def rollouts(run: Run, model: nn.Module, dataset: PromptDataset, indices: list[i
             samples.append({"prompt_index": index, "prompt_ids": prompt_ids, "completion_ids": ids,
                             "truncated": ids[-1] not in run.tokenizer.stop_ids})
     return samples
-
-
-def score(run: Run, dataset: PromptDataset, samples: list[dict[str, Any]]) -> torch.Tensor:
-    """Each reward's score of each completion (n_completions, n_rewards) in float32, NaN where one returned None."""
-    if not samples:  # a device with no validation prompts: no reward function is called with nothing
-        return torch.zeros(0, len(run.rewards))
-    rows = [dataset[s["prompt_index"]] for s in samples]
-    prompts = [row["prompt"] for row in rows]
-    texts = [run.tokenizer.decode(s["completion_ids"], skip_special_tokens=True) for s in samples]
-    # as TRL: a chat prompt's completion is a message, a string prompt's a string
-    completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-                   for prompt, text in zip(prompts, texts)]
-    # every column any row has (None where a row lacks it), but the names TRL keeps for itself
-    keys = [key for key in dict.fromkeys(k for row in rows for k in row["columns"]) if key not in RESERVED]
-    columns = {key: [row["columns"].get(key) for row in rows] for key in keys}
-    ids = [s["completion_ids"] for s in samples]
-    scores = [reward(prompts, completions, ids, columns) for reward in run.rewards]
-    for sample, text in zip(samples, texts):
-        sample["completion"] = text
-    return torch.tensor(scores, dtype=torch.float32).T
-
-
-def score_everywhere(run: Run, dataset: PromptDataset, samples: list[dict[str, Any]]) -> torch.Tensor:
-    """`score`, where a reward that fails on any device stops every device (none is left waiting for the others)."""
-    try:
-        scores, failure = score(run, dataset, samples), None
-    except UserError as error:
-        scores, failure = None, error
-    fabric = run.fabric
-    failed = torch.tensor(int(failure is not None), device=fabric.device)
-    if fabric.world_size > 1 and int(fabric.all_reduce(failed, reduce_op="max")) and failure is None:
-        raise UserError("a reward failed on another process (its message is above); stopping here too")
-    if failure is not None:
-        raise failure
-    return scores
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, advantage: str = "group",
@@ -412,14 +364,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, advantage: str
     if scale_rewards != "none":
         advantages = advantages / (std + 1e-4)
     return advantages, std
-
-
-def global_std(fabric: L.Fabric, values: torch.Tensor) -> float:
-    """The unbiased standard deviation of `values` on every device together."""
-    totals = fabric.all_reduce(torch.tensor([len(values), values.sum(), (values ** 2).sum()], dtype=torch.float64,
-                                            device=fabric.device), reduce_op="sum")
-    n, total, squares = totals.tolist()
-    return math.sqrt(max(squares - total * total / n, 0.0) / max(n - 1, 1))
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -541,7 +485,7 @@ def rollout_batch(run: Run, model: nn.Module, dataset: PromptDataset, indices: l
         started = time.perf_counter()
         samples = rollouts(run, raw, dataset, indices, rollout, first_slot)
         generated = time.perf_counter()
-        per_reward = score_everywhere(run, dataset, samples)
+        per_reward = score_everywhere(fabric, run.rewards, run.tokenizer, dataset, samples)
         rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
         batch_std = global_std(fabric, rewards) if grpo.scale_rewards == "batch" else None
         advantages, std = group_advantages(rewards, grpo.num_generations, grpo.advantage, grpo.scale_rewards,
@@ -555,38 +499,11 @@ def rollout_batch(run: Run, model: nn.Module, dataset: PromptDataset, indices: l
                 add_logps(run, reference, samples, "ref_logps")
         raw.train()
     scored = time.perf_counter()
-    metrics = rollout_metrics(run, samples, per_reward, rewards, std)
+    metrics = rollout_metrics(fabric, run.rewards, samples, per_reward, rewards, std)
     tokens = sum(len(s["completion_ids"]) for s in samples)
     metrics |= {"timing/generate": generated - started, "timing/score": scored - generated,
                 "rollout_tokens_per_sec": tokens * fabric.world_size / max(generated - started, 1e-9)}
     return samples, metrics
-
-
-def rollout_metrics(run: Run, samples: list[dict[str, Any]], per_reward: torch.Tensor, rewards: torch.Tensor,
-                    std: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """TRL's rollout metrics over every device's completions: reward (mean), reward_std (the mean std rewards were
-    scaled by), rewards/<name>/mean and /std (over the completions each scored), frac_reward_zero_std,
-    completions/mean_length and completions/clipped_ratio."""
-    sums: dict[str, torch.Tensor | float] = {
-        "completions": len(samples), "reward": rewards.sum(), "reward_std": std.sum(),
-        "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).sum(),
-        "completions/mean_length": sum(len(s["completion_ids"]) for s in samples),
-        "completions/clipped_ratio": sum(s["truncated"] for s in samples),
-    }
-    for i, reward in enumerate(run.rewards):
-        scored = per_reward[:, i][~per_reward[:, i].isnan()].double()
-        sums |= {f"n/{reward.name}": len(scored), f"sum/{reward.name}": scored.sum(),
-                 f"squares/{reward.name}": (scored ** 2).sum()}
-    totals = mean_over_devices(run.fabric, sums, 1.0)  # sums over devices
-    n = max(totals["completions"], 1.0)
-    metrics = {name: totals[name] / n for name in ("reward", "reward_std", "frac_reward_zero_std",
-                                                    "completions/mean_length", "completions/clipped_ratio")}
-    for reward in run.rewards:
-        count, total, squares = (totals[f"{kind}/{reward.name}"] for kind in ("n", "sum", "squares"))
-        metrics[f"rewards/{reward.name}/mean"] = total / count if count else math.nan
-        variance = (squares - total * total / count) / (count - 1) if count > 1 else math.nan
-        metrics[f"rewards/{reward.name}/std"] = math.sqrt(max(variance, 0.0))
-    return {f"{prefix}{name}": value for name, value in metrics.items()}
 
 
 def fit(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
@@ -618,8 +535,10 @@ def fit(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                 metrics |= validate(run, model, val_data, progress.step)
                 fabric.print(f"step {progress.step}: val reward {metrics['val_reward']:.4f}")
             log.step(progress.step, metrics, tokens=tokens, seconds=seconds)
-        if any(step == 1 or step % args.log_interval == 0 for step in range(first_step, progress.step + 1)):
-            write_completions(run, first_step, samples, train_data)
+        logged = any(step == 1 or step % args.log_interval == 0 for step in range(first_step, progress.step + 1))
+        if logged and grpo.completions_to_log and fabric.global_rank == 0:  # a few of the first device's
+            write_completions(run.completions_log, first_step, samples[:grpo.completions_to_log], train_data,
+                              run.rewards)
         # every --train.save_interval steps, and at once when the run is told to stop (SIGTERM, Ctrl-C)
         checkpoints.after_step(model, optimizer, scheduler, progress, total_steps)
     log.close()
@@ -668,25 +587,10 @@ def validate(run: Run, model: nn.Module, val_data: PromptDataset, step: int) -> 
         raw.eval()
         samples = rollouts(run, raw, val_data, mine, rollout=-1, first_slot=fabric.global_rank * share)
         raw.train()
-    per_reward = score_everywhere(run, val_data, samples)
+    per_reward = score_everywhere(fabric, run.rewards, run.tokenizer, val_data, samples)
     rewards = (per_reward * torch.tensor(run.reward_weights)).nansum(dim=1)
     std = group_advantages(rewards, grpo.num_generations)[1] if samples else rewards
-    return rollout_metrics(run, samples, per_reward, rewards, std, prefix="val_")
-
-
-def write_completions(run: Run, step: int, samples: list[dict[str, Any]], dataset: PromptDataset) -> None:
-    """A few of the first device's completions of the rollouts for `step` with their rewards, as JSON lines in
-    completions.jsonl beside the metrics: what the model writes, and what each reward made of it."""
-    n = run.grpo.completions_to_log
-    if not n or run.fabric.global_rank:
-        return
-    run.log_dir.mkdir(parents=True, exist_ok=True)
-    with (run.log_dir / "completions.jsonl").open("a", encoding="utf-8") as file:
-        for s in samples[:n]:
-            row = {"step": step, "prompt": dataset[s["prompt_index"]]["prompt"], "completion": s["completion"],
-                   "reward": s["reward"], "advantage": s["advantage"],
-                   "rewards": {r.name: None if math.isnan(v) else v for r, v in zip(run.rewards, s["rewards"])}}
-            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return rollout_metrics(fabric, run.rewards, samples, per_reward, rewards, std, prefix="val_")
 
 
 if __name__ == "__main__":
