@@ -96,7 +96,6 @@ def check_gguf_file(gguf_file: Path) -> None:
     49-byte file that declares 2^40 array items makes it loop for hours. Here every length is checked against what
     is left of the file before anything is read by it, and every tensor's data must lie inside the file.
     """
-    size = gguf_file.stat().st_size
     with gguf_file.open("rb") as f:
         magic = f.read(4)
         if magic != b"GGUF":
