@@ -15,7 +15,7 @@ import pytest
 from litllm import LLM
 from litllm.commands import main
 from litllm.decode import TextStream
-from litllm.serve import Generation, Scheduler
+from litllm.batching import Generation, Scheduler
 from test_serve import CHATS, Server
 
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
@@ -234,7 +234,7 @@ def test_a_row_whose_sampling_fails_ends_alone(tiny_chat_model_dir):
     finally:
         scheduler.shutdown()
         scheduler.thread.join()
-    assert failed.status_code == 500 and "failed" in failed.message
+    assert failed.status == 500 and "failed" in failed.message
     assert answered == llm.generate(prompt, max_new_tokens=12)
 
 
