@@ -5,6 +5,7 @@ Used by `litllm generate`/`chat` (through LLM), the server, evaluation and sampl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -48,15 +49,28 @@ class RowBlockLinear(torch.nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def row_block_linears(model: GPT) -> None:
-    """Make every linear layer of `model` a RowBlockLinear holding the same parameters (tied weights stay tied)."""
-    for name, module in list(model.named_modules()):
-        if type(module) is torch.nn.Linear and module.weight.is_contiguous():
-            layer = RowBlockLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                                   device="meta")
-            layer.weight, layer.bias = module.weight, module.bias
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
+def row_block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Make `model`'s float32 CPU nn.Linear layers (LoRA's base layers too) RowBlockLinear, in place: the same modules
+    and parameters (tied weights stay tied), only their forward changes. Returns the layers it changed."""
+    layers = [module for module in model.modules() if type(module) is torch.nn.Linear
+              and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+              and module.weight.is_contiguous()]
+    for layer in layers:
+        layer.__class__ = RowBlockLinear
+    return layers
+
+
+@contextmanager
+def row_blocks(model: torch.nn.Module) -> Iterator[None]:
+    """row_block_linears for a while, for sampling from a model that trains in between (GRPO's rollouts): afterwards
+    its layers are plain nn.Linear again, as training's products (many rows) and torch.compile expect. Nothing
+    changes under autocast (row blocks are float32's)."""
+    layers = [] if torch.is_autocast_enabled("cpu") else row_block_linears(model)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__class__ = torch.nn.Linear
 
 
 GREEDY_BELOW = 1e-5  # vLLM's cut too: below it, greedy is what sampling would give
@@ -145,6 +159,8 @@ def sample_continuations(
     times, and the `n` rows decode in one batch until each has reached a stop id (kept, last) or `max_new_tokens`.
 
     The draws depend only on the model and `generator`, so a seeded generator gives the same continuations again.
+    On CPU in float32 the linear layers compute in row blocks meanwhile (row_blocks: 1.25x GRPO's rollouts of 8
+    answers with 2 threads, benchmarks/RESULTS.md).
     """
     check_sampling(temperature, top_k, top_p)
     max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
@@ -152,22 +168,23 @@ def sample_continuations(
     stop_ids = set(stop_ids)
     model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens)
     try:
-        logits = model(torch.tensor([prompt_ids], device=device), torch.arange(len(prompt_ids), device=device))
-        model.restore_kv_cache_rows(model.kv_cache_snapshot(), torch.zeros(n, dtype=torch.long, device=device))
-        logits = logits[:, -1].expand(n, -1)
-        continuations: list[list[int]] = [[] for _ in range(n)]
-        running = set(range(n))
-        for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
-            tokens = sample(logits, temperature, top_k, top_p, generator)
-            for row, token in enumerate(tokens.tolist()):
-                if row in running:
-                    continuations[row].append(token)
-                    if token in stop_ids:
-                        running.discard(row)
-            if not running or position + 1 == len(prompt_ids) + max_new_tokens:
-                break
-            # finished rows decode on with the others (their tokens are dropped): the batch keeps one shape
-            logits = model(tokens.view(n, 1), torch.tensor([position], device=device))[:, -1]
+        with row_blocks(model):
+            logits = model(torch.tensor([prompt_ids], device=device), torch.arange(len(prompt_ids), device=device))
+            model.restore_kv_cache_rows(model.kv_cache_snapshot(), torch.zeros(n, dtype=torch.long, device=device))
+            logits = logits[:, -1].expand(n, -1)
+            continuations: list[list[int]] = [[] for _ in range(n)]
+            running = set(range(n))
+            for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
+                tokens = sample(logits, temperature, top_k, top_p, generator)
+                for row, token in enumerate(tokens.tolist()):
+                    if row in running:
+                        continuations[row].append(token)
+                        if token in stop_ids:
+                            running.discard(row)
+                if not running or position + 1 == len(prompt_ids) + max_new_tokens:
+                    break
+                # finished rows decode on with the others (their tokens are dropped): the batch keeps one shape
+                logits = model(tokens.view(n, 1), torch.tensor([position], device=device))[:, -1]
     finally:
         model.clear_kv_cache()
     return continuations

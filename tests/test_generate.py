@@ -7,7 +7,10 @@ import torch.nn as nn
 
 from litllm import LLM
 from litllm.checkpoint import load_model
-from litllm.decode import RowBlockLinear, generate_tokens, row_block_linears, sample, stream_text
+from litllm.decode import (RowBlockLinear, generate_tokens, row_block_linears, sample, sample_continuations,
+                           stream_text)
+from litllm.lora import LoRAConfig, apply_lora
+from litllm.tokenizer import Tokenizer
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -98,6 +101,25 @@ def test_row_block_linears_compute_a_few_rows_in_blocks_and_keep_the_parameters(
                 for x, output in zip(inputs, outputs):
                     torch.testing.assert_close(model[name](x), output)
         assert bmm_calls == blocks and RowBlockLinear.max_rows == 256
+
+
+def test_sampling_from_a_lora_model_runs_in_row_blocks_and_gives_the_layers_back(tiny_chat_model_dir, monkeypatch):
+    """GRPO samples from the model it trains: meanwhile its layers (LoRA's base and adapter layers too) compute in row
+    blocks, and afterwards they are plain nn.Linear again, for training's products and torch.compile."""
+    torch.manual_seed(0)
+    model = apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=4, dropout=0.0)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)  # adapters that change the answers
+    prompt = Tokenizer(tiny_chat_model_dir).encode_chat([{"role": "user", "content": "Say something."}])
+    greedy = list(generate_tokens(model, prompt, 6))  # plain layers
+    bmm_calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(args[1].shape) or bmm(*args))
+    with threads(2):
+        assert sample_continuations(model, prompt, 3, 6, temperature=0.0) == [greedy] * 3
+    assert (2, 64, 32) in bmm_calls  # e.g. q_proj's base layer: 64 weight rows in 2 blocks
+    assert {type(module) for module in model.modules() if isinstance(module, nn.Linear)} == {nn.Linear}
 
 
 def test_half_precision_on_a_cpu_without_fast_kernels_is_warned_about(tiny_chat_model_dir, tmp_path, monkeypatch,
