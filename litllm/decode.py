@@ -159,8 +159,8 @@ def sample_continuations(
     times, and the `n` rows decode in one batch until each has reached a stop id (kept, last) or `max_new_tokens`.
 
     The draws depend only on the model and `generator`, so a seeded generator gives the same continuations again.
-    On CPU in float32 the linear layers compute in row blocks meanwhile (row_blocks: 1.25x GRPO's rollouts of 8
-    answers with 2 threads, benchmarks/RESULTS.md).
+    On CPU in float32 the linear layers compute in row blocks meanwhile (row_blocks: GRPO's rollouts of 8 answers
+    1.2-1.3x faster with 2 threads, benchmarks/RESULTS.md).
     """
     check_sampling(temperature, top_k, top_p)
     max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
