@@ -19,7 +19,7 @@ from litllm.finetune.dpo import DPOArgs, dpo_loss, dpo_objective, orpo_loss, sim
 from litllm.lora import LoRAConfig, apply_lora, disable_adapters, save_adapter
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import TrainArgs
-from litllm.training.losses import sequence_logprobs
+from litllm.training.losses import LinearLogprobs, count_row_targets, sequence_logprobs, token_logprobs
 from runs import litllm, logged
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_demo.jsonl"
@@ -222,6 +222,58 @@ def test_sequence_logprobs_sum_only_response_tokens_as_transformers_scores_them(
     ((full * (targets != -100)).sum(1) * weights).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_logprobs_through_a_frozen_output_layer_equal_the_recomputing_path_with_two_products(autocast):
+    """LinearLogprobs (LoRA's frozen lm_head) gives token_logprobs' log-probs, bit for bit, and their gradient for
+    the hidden states, with two (tokens x hidden) @ (hidden x vocab)-sized products where token_logprobs runs three."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(32, 1000, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(13, 32, requires_grad=True), torch.randint(0, 1000, (13,))
+    incoming = torch.linspace(-1, 1, 13)  # a different gradient for each token's log-prob
+    results = {}
+    for name in ("fused", "recomputing"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), FlopCounterMode(display=False) as flops:
+            if name == "fused":
+                logprobs = LinearLogprobs.apply(hidden, lm_head.weight, targets, 5)
+            else:
+                logprobs = token_logprobs(lm_head, hidden, targets, 5)[0]
+            (grad,) = torch.autograd.grad((logprobs * incoming).sum(), hidden)
+        results[name] = logprobs, grad, flops.get_total_flops()
+    (fused, fused_grad, fused_flops), (plain, plain_grad, plain_flops) = results["fused"], results["recomputing"]
+    assert fused.dtype == torch.float32 and torch.equal(fused, plain)
+    rtol = 1.6e-2 if autocast else 1.3e-6  # as assert_close's for the dtype, relative to the largest element
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=rtol, atol=rtol * float(plain_grad.abs().max()))
+    product = 2 * 13 * 32 * 1000
+    assert (fused_flops, plain_flops) == (2 * product, 3 * product)
+
+
+def test_lora_sequence_logprobs_take_the_fused_path_with_the_same_gradients(tiny_chat_model_dir, demo_pairs):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = demo_pairs.collate([demo_pairs[i] for i in range(2)])
+    model = apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=4, dropout=0.0))  # lm_head frozen
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    lora_params = [param for name, param in model.named_parameters() if "lora_" in name]
+    results = {}
+    for name, head_trains in (("fused", False), ("recomputing", True)):  # a trained lm_head cannot take the fused path
+        model.lm_head.weight.requires_grad_(head_trains)
+        with FlopCounterMode(display=False) as flops:
+            logps = sequence_logprobs(model, batch, chunk_size=37)
+            grads = torch.autograd.grad((logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum(), lora_params)
+        results[name] = logps, grads, flops.get_total_flops()
+    assert torch.equal(results["fused"][0], results["recomputing"][0])
+    for fused, plain in zip(results["fused"][1], results["recomputing"][1]):  # float32 rounding of sums over tokens
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+    # one output-layer product fewer: the recomputation of the logits in backward
+    vocab, hidden_size = model.lm_head.weight.shape
+    assert results["recomputing"][2] - results["fused"][2] == 2 * count_row_targets(batch).sum() * hidden_size * vocab
 
 
 def test_adapter_disabled_reference_equals_the_base_models_logps(tiny_chat_model_dir, demo_pairs):
