@@ -19,7 +19,9 @@ from litllm.finetune.dpo import DPOArgs, dpo_loss, dpo_objective, orpo_loss, sim
 from litllm.lora import LoRAConfig, apply_lora, disable_adapters, save_adapter
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import TrainArgs
-from litllm.training.losses import LinearLogprobs, count_row_targets, sequence_logprobs, token_logprobs
+from litllm.training.losses import (
+    LinearLogprobs, count_row_targets, sequence_logprobs, token_logprobs_and_entropy,
+)
 from runs import litllm, logged
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_demo.jsonl"
@@ -224,10 +226,12 @@ def test_sequence_logprobs_sum_only_response_tokens_as_transformers_scores_them(
         torch.testing.assert_close(ours_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_logprobs_through_a_frozen_output_layer_equal_the_recomputing_path_with_two_products(autocast):
-    """LinearLogprobs (LoRA's frozen lm_head) gives token_logprobs' log-probs, bit for bit, and their gradient for
-    the hidden states, with two (tokens x hidden) @ (hidden x vocab)-sized products where token_logprobs runs three."""
+def test_logprobs_through_a_frozen_output_layer_equal_the_recomputing_path_with_two_products(autocast, temperature):
+    """LinearLogprobs (LoRA's frozen lm_head) gives token_logprobs_and_entropy's log-probs and entropies, bit for bit,
+    and their gradient for the hidden states, with two (tokens x hidden) @ (hidden x vocab) products where the
+    recomputing path runs three."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -238,13 +242,15 @@ def test_logprobs_through_a_frozen_output_layer_equal_the_recomputing_path_with_
     for name in ("fused", "recomputing"):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), FlopCounterMode(display=False) as flops:
             if name == "fused":
-                logprobs = LinearLogprobs.apply(hidden, lm_head.weight, targets, 5)
+                logprobs, entropy = LinearLogprobs.apply(hidden, lm_head.weight, targets, 5, temperature, True)
             else:
-                logprobs = token_logprobs(lm_head, hidden, targets, 5)[0]
+                logprobs, entropy = token_logprobs_and_entropy(lm_head, hidden, targets, 5, temperature)
             (grad,) = torch.autograd.grad((logprobs * incoming).sum(), hidden)
-        results[name] = logprobs, grad, flops.get_total_flops()
-    (fused, fused_grad, fused_flops), (plain, plain_grad, plain_flops) = results["fused"], results["recomputing"]
-    assert fused.dtype == torch.float32 and torch.equal(fused, plain)
+        results[name] = logprobs, entropy, grad, flops.get_total_flops()
+    (fused, fused_entropy, fused_grad, fused_flops) = results["fused"]
+    (plain, plain_entropy, plain_grad, plain_flops) = results["recomputing"]
+    assert fused.dtype == torch.float32 and torch.equal(fused, plain) and torch.equal(fused_entropy, plain_entropy)
+    assert not fused_entropy.requires_grad
     rtol = 1.6e-2 if autocast else 1.3e-6  # as assert_close's for the dtype, relative to the largest element
     torch.testing.assert_close(fused_grad, plain_grad, rtol=rtol, atol=rtol * float(plain_grad.abs().max()))
     product = 2 * 13 * 32 * 1000

@@ -61,7 +61,7 @@ from litllm.training.args import LoggerName, OptimizerName, Strategy, TrainArgs
 from litllm.training.fabric import check_strategy, full_weights, model_dtype, setup_fabric
 from litllm.training.loop import (StepLog, StepUnits, add_to, examples_validated, mean_over_devices, prepare_data,
                                   setup_training, step_indices)
-from litllm.training.losses import target_hidden, token_logprobs_and_entropy
+from litllm.training.losses import target_hidden, target_logprobs
 from litllm.training.rollouts import (completions_log, global_std, rollout_metrics, sampling_seed,
                                       score_everywhere, write_completions)
 from litllm.training.state import Checkpoints, Progress, prepare_out_dir
@@ -437,20 +437,20 @@ def micro_batch(samples: list[dict[str, Any]], pad_id: int, mask_truncated: bool
     return batch
 
 
-def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, temperature: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, temperature: float,
+                     entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The model's log-probs of the batch's labelled tokens (N,) in float32, at the sampling temperature (as TRL
-    computes them), their entropies (N,) and rows (N,)."""
+    computes them), their entropies (N,) if asked for (else None), and their rows (N,)."""
     hidden = model(batch["input_ids"], return_hidden=True)
     hidden, targets, rows = target_hidden(hidden, batch["labels"])
-    logps, entropy = token_logprobs_and_entropy(model.lm_head, hidden, targets, chunk_size, temperature)
-    return logps, entropy, rows
+    logps, entropies = target_logprobs(model.lm_head, hidden, targets, chunk_size, temperature, entropy)
+    return logps, entropies, rows
 
 
 def grpo_objective(model: nn.Module, batch: dict[str, torch.Tensor], args: GRPOArgs, chunk_size: int
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The micro-batch's loss summed over its units, and its token metrics summed (entropy, clip counts, KL)."""
-    logps, entropy, rows = completion_logps(model, batch, chunk_size, args.temperature)
+    logps, entropy, rows = completion_logps(model, batch, chunk_size, args.temperature, entropy=True)
     old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # mu = 1: the policy sampled itself
     losses, metrics = grpo_token_loss(logps, old, batch.get("ref_logps"), batch["advantages"][rows], args)
     loss = aggregate(losses, rows, batch["input_ids"].size(0), args.loss_type, args.max_completion_length)

@@ -69,6 +69,26 @@ def token_logprobs_and_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets
     return logprobs, entropy.detach()
 
 
+def target_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                    temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) (N,) float32 at `temperature` for N hidden states and targets, and, if asked for, each
+    distribution's entropy (N,) in nats, detached (else None): token_logprobs_and_entropy's numbers.
+
+    A frozen plain lm_head (LoRA without lm_head among its targets, a reference model) goes through LinearLogprobs:
+    two output-layer products per chunk instead of three when gradients flow, and no entropy unless asked for.
+    """
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
+        if torch.is_grad_enabled():
+            logprobs, entropies = LinearLogprobs.apply(hidden, lm_head.weight, targets, chunk_size, temperature,
+                                                       entropy)
+            return logprobs, entropies if entropy else None
+        return linear_logprobs(hidden, lm_head.weight, targets, chunk_size, temperature, entropy)[:2]
+    if not entropy and temperature == 1.0:
+        return token_logprobs(lm_head, hidden, targets, chunk_size)[0], None
+    logprobs, entropies = token_logprobs_and_entropy(lm_head, hidden, targets, chunk_size, temperature)
+    return logprobs, entropies if entropy else None
+
+
 def _by_chunks(function, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`function(lm_head, hidden chunk, targets chunk)` -> two (chunk,) tensors, over chunks of at most `chunk_size`
@@ -96,20 +116,10 @@ def _chunk_logprobs_and_entropy(lm_head: nn.Module, hidden: torch.Tensor, target
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """log p(sequence): each row's target-token log-probabilities summed, (rows,) float32.
-
-    A frozen plain lm_head (LoRA without lm_head among its targets) goes through LinearLogprobs: the same numbers as
-    token_logprobs, two output-layer products per chunk instead of three."""
+    """log p(sequence): each row's target-token log-probabilities summed, (rows,) float32."""
     hidden = model(batch["input_ids"], return_hidden=True)  # (rows, T, hidden_size)
     hidden, targets, row_of_token = target_hidden(hidden, batch["labels"])
-    lm_head = model.lm_head
-    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
-        if torch.is_grad_enabled():
-            logprobs = LinearLogprobs.apply(hidden, lm_head.weight, targets, chunk_size)
-        else:  # e.g. the reference model's log-probs: no gradients computed
-            logprobs = linear_logprobs(hidden, lm_head.weight, targets, chunk_size)[0]
-    else:
-        logprobs, _ = token_logprobs(lm_head, hidden, targets, chunk_size)
+    logprobs, _ = target_logprobs(model.lm_head, hidden, targets, chunk_size)
     totals = torch.zeros(batch["labels"].size(0), dtype=torch.float32, device=logprobs.device)
     return totals.index_add(0, row_of_token, logprobs)
 
@@ -167,48 +177,61 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class LinearLogprobs(torch.autograd.Function):
-    """log p(target) (N,) float32 for hidden states (N, hidden_size) and a frozen output layer's weight, with the
-    gradient for hidden computed chunk by chunk in forward.
+    """log p(target) (N,) float32 at a temperature, for hidden states (N, hidden_size) and a frozen output layer's
+    weight, with the gradient for hidden computed chunk by chunk in forward; and the entropies (N,), detached, if
+    asked for (else an empty tensor).
 
-    d log p(t) / d hidden = W[t] - softmax(logits) @ W is known as soon as a chunk's logits are, so it is computed
-    then (N x hidden_size, as much as hidden itself) and backward only scales each row by its token's incoming
-    gradient. token_logprobs instead keeps nothing and recomputes each chunk's logits in backward: three products of
-    the chunk with the vocabulary-sized weight against two here. The weight gets no gradient: use token_logprobs
-    where the output layer trains.
+    d log p(t) / d hidden = (W[t] - softmax(logits) @ W) / temperature is known as soon as a chunk's logits are, so
+    it is computed then (N x hidden_size, as much as hidden itself) and backward only scales each row by its token's
+    incoming gradient. token_logprobs instead keeps nothing and recomputes each chunk's logits in backward: three
+    products of the chunk with the vocabulary-sized weight against two here. The weight gets no gradient: where the
+    output layer trains, target_logprobs takes the recomputing path.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        logprobs, grad_hidden = linear_logprobs(hidden, weight, targets, chunk_size, ctx.needs_input_grad[0])
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, entropy):
+        logprobs, entropies, grad_hidden = linear_logprobs(hidden, weight, targets, chunk_size, temperature, entropy,
+                                                           ctx.needs_input_grad[0])
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
-        return logprobs
+        entropies = logprobs.new_empty(0) if entropies is None else entropies
+        ctx.mark_non_differentiable(entropies)
+        return logprobs, entropies
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, _):
         (grad_hidden,) = ctx.saved_tensors
         grad = grad_hidden * grad_logprobs.unsqueeze(1).to(grad_hidden.dtype)
-        return grad.to(ctx.hidden_dtype), None, None, None
+        return grad.to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                    hidden_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) (N,) float32, equal to token_logprobs' (the same logits, log-softmax in float32), and, if asked
-    for, d log p(target_i) / d hidden_i (N, hidden_size) in hidden's dtype (the autocast dtype under autocast)."""
+                    temperature: float = 1.0, entropy: bool = False, hidden_grad: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log p(target) (N,) float32 at `temperature`, equal to token_logprobs_and_entropy's (the same logits, log-softmax
+    in float32); if asked for, the entropies (N,) (else None) and d log p(target_i) / d hidden_i (N, hidden_size) in
+    hidden's dtype (the autocast dtype under autocast; else None)."""
     if torch.is_autocast_enabled(hidden.device.type):  # as linear_cross_entropy: the weight cast once
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     logprobs = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+    entropies = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device) if entropy else None
     grad_hidden = torch.empty_like(hidden) if hidden_grad else None
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        chunk_logprobs = (h @ weight.T).float().log_softmax(dim=-1)  # (chunk, vocab)
-        logprobs[start:start + chunk_size] = chunk_logprobs.gather(1, t.unsqueeze(1)).squeeze(1)
+        chunk = slice(start, start + chunk_size)
+        chunk_logprobs = ((h @ weight.T).float() / temperature).log_softmax(dim=-1)  # (chunk, vocab)
+        logprobs[chunk] = chunk_logprobs.gather(1, t.unsqueeze(1)).squeeze(1)
+        probs = None
+        if entropies is not None:
+            probs = chunk_logprobs.exp()
+            entropies[chunk] = -(probs * chunk_logprobs).sum(dim=-1)
         if grad_hidden is not None:
-            grad_logits = chunk_logprobs.exp_()  # softmax, in place; minus one-hot(t): d (-log p(t)) / d logits
+            # softmax minus one-hot(t): d (-log p(t)) / d (logits / temperature)
+            grad_logits = chunk_logprobs.exp_() if probs is None else probs
             grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad_hidden[start:start + chunk_size] = -(grad_logits.to(h.dtype) @ weight)
-    return logprobs, grad_hidden
+            grad_hidden[chunk] = (grad_logits.to(h.dtype) @ weight).mul_(-1 / temperature)
+    return logprobs, entropies, grad_hidden
 
 
 def perplexity(mean_cross_entropy: float) -> float:
