@@ -180,7 +180,8 @@ class LowRank(torch.autograd.Function):
       3.85 GB this way (benchmarks/RESULTS.md).
     - B's gradient is taken as (low_rank^T grad_out)^T, an (r, N) x (N, out) product. Autograd's linear backward
       computes grad_out^T low_rank, (out, N) x (N, r), so that the gradient comes out in the weight's layout; for
-      rank r that product is ~3x slower on CPU (MKL: 1.9 vs 0.55 ms for N = 1024, out = 1536, r = 8).
+      rank r that product is 3-3.5x slower on CPU (MKL, N = 1024, r = 8: 1.9 vs 0.55 ms at out = 1536, 0.47 vs
+      0.17 ms at out = 576).
 
     The mask is dropout_mask's, as in plain_low_rank, so outputs and gradients equal that function's from the same
     seed (and PEFT's, given the same masks). At p = 0 there is no mask.
@@ -204,7 +205,7 @@ class LowRank(torch.autograd.Function):
         dropped = x.reshape(-1, in_features) if mask is None else (x * mask).reshape(-1, in_features)  # (N, in)
         grad_out = grad_out.to(dtype).reshape(-1, grad_out.size(-1))  # (N, out)
         low_rank = low_rank.reshape(-1, low_rank.size(-1))  # (N, r)
-        grad_B = (low_rank.T @ grad_out).T  # (out, r)
+        grad_B = (low_rank.T @ grad_out).T.contiguous()  # (out, r), in the weight's layout: a copy of out x r
         # d loss / d (the dropped, rescaled input's rank-r image), rescaled: (N, r)
         grad_low_rank = (grad_out @ lora_B.to(dtype)) * (ctx.scaling / kept_fraction(ctx.p))
         grad_A = grad_low_rank.T @ dropped.to(dtype)  # (r, in)

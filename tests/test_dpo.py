@@ -257,8 +257,13 @@ def test_logprobs_through_a_frozen_output_layer_equal_the_recomputing_path_with_
     assert (fused_flops, plain_flops) == (2 * product, 3 * product)
 
 
-def test_lora_sequence_logprobs_take_the_fused_path_with_the_same_gradients(tiny_chat_model_dir, demo_pairs):
+@pytest.mark.parametrize("scoring", ["dpo", "grpo"])
+def test_lora_logprobs_take_the_fused_path_with_the_same_gradients(tiny_chat_model_dir, demo_pairs, scoring):
+    """DPO's sequence log-probs, and GRPO's token log-probs at its sampling temperature with their entropies, through
+    LoRA's frozen lm_head: the numbers and LoRA gradients of the recomputing path, one output-layer product fewer."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from litllm.finetune.grpo import completion_logps
 
     batch = demo_pairs.collate([demo_pairs[i] for i in range(2)])
     model = apply_lora(load_model(tiny_chat_model_dir), LoRAConfig(r=4, dropout=0.0))  # lm_head frozen
@@ -271,15 +276,21 @@ def test_lora_sequence_logprobs_take_the_fused_path_with_the_same_gradients(tiny
     for name, head_trains in (("fused", False), ("recomputing", True)):  # a trained lm_head cannot take the fused path
         model.lm_head.weight.requires_grad_(head_trains)
         with FlopCounterMode(display=False) as flops:
-            logps = sequence_logprobs(model, batch, chunk_size=37)
-            grads = torch.autograd.grad((logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum(), lora_params)
-        results[name] = logps, grads, flops.get_total_flops()
-    assert torch.equal(results["fused"][0], results["recomputing"][0])
-    for fused, plain in zip(results["fused"][1], results["recomputing"][1]):  # float32 rounding of sums over tokens
-        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+            if scoring == "dpo":
+                logps, entropy = sequence_logprobs(model, batch, chunk_size=37), None
+            else:
+                logps, entropy, _ = completion_logps(model, batch, 37, temperature=0.7, entropy=True)
+            grads = torch.autograd.grad((logps * torch.linspace(-1, 2, len(logps))).sum(), lora_params)
+        results[name] = logps, entropy, grads, flops.get_total_flops()
+    (fused, fused_entropy, fused_grads, fused_flops) = results["fused"]
+    (plain, plain_entropy, plain_grads, plain_flops) = results["recomputing"]
+    assert torch.equal(fused, plain)
+    assert scoring == "dpo" or torch.equal(fused_entropy, plain_entropy)
+    for ours, reference in zip(fused_grads, plain_grads):  # float32 rounding of sums over tokens
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
     # one output-layer product fewer: the recomputation of the logits in backward
     vocab, hidden_size = model.lm_head.weight.shape
-    assert results["recomputing"][2] - results["fused"][2] == 2 * count_row_targets(batch).sum() * hidden_size * vocab
+    assert plain_flops - fused_flops == 2 * count_row_targets(batch).sum() * hidden_size * vocab
 
 
 def test_adapter_disabled_reference_equals_the_base_models_logps(tiny_chat_model_dir, demo_pairs):

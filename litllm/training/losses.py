@@ -41,11 +41,16 @@ def cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Te
     token_logprobs, which recomputes each chunk's logits in backward.
     """
     hidden, targets, _ = target_hidden(hidden, labels)
-    if isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+    if _plain_linear(lm_head):
         if not torch.is_grad_enabled():  # e.g. validation: no gradients computed
             return linear_cross_entropy(hidden, lm_head.weight, targets, chunk_size)[0]
         return LinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_size)
     return -token_logprobs(lm_head, hidden, targets, chunk_size)[0].sum()
+
+
+def _plain_linear(lm_head: nn.Module) -> bool:
+    """A linear layer without bias whose weight is the matrix itself (not a quantized one, nor LoRA-wrapped)."""
+    return isinstance(lm_head, nn.Linear) and lm_head.bias is None and lm_head.weight.is_floating_point()
 
 
 def token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
@@ -77,7 +82,7 @@ def target_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Ten
     A frozen plain lm_head (LoRA without lm_head among its targets, a reference model) goes through LinearLogprobs:
     two output-layer products per chunk instead of three when gradients flow, and no entropy unless asked for.
     """
-    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
+    if _plain_linear(lm_head) and not lm_head.weight.requires_grad:
         if torch.is_grad_enabled():
             logprobs, entropies = LinearLogprobs.apply(hidden, lm_head.weight, targets, chunk_size, temperature,
                                                        entropy)
@@ -181,57 +186,61 @@ class LinearLogprobs(torch.autograd.Function):
     weight, with the gradient for hidden computed chunk by chunk in forward; and the entropies (N,), detached, if
     asked for (else an empty tensor).
 
-    d log p(t) / d hidden = (W[t] - softmax(logits) @ W) / temperature is known as soon as a chunk's logits are, so
-    it is computed then (N x hidden_size, as much as hidden itself) and backward only scales each row by its token's
-    incoming gradient. token_logprobs instead keeps nothing and recomputes each chunk's logits in backward: three
-    products of the chunk with the vocabulary-sized weight against two here. The weight gets no gradient: where the
-    output layer trains, target_logprobs takes the recomputing path.
+    d log p(t) / d hidden = -(softmax(logits / temperature) - onehot(t)) @ W / temperature is known as soon as a
+    chunk's logits are, so its product is taken then (N x hidden_size, as much as hidden itself) and backward only
+    scales each row, in float32, by its token's incoming gradient. token_logprobs instead keeps nothing and recomputes
+    each chunk's logits in backward: three products of the chunk with the vocabulary-sized weight against two here.
+    The weight gets no gradient: where the output layer trains, target_logprobs takes the recomputing path.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, temperature, entropy):
-        logprobs, entropies, grad_hidden = linear_logprobs(hidden, weight, targets, chunk_size, temperature, entropy,
-                                                           ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad_hidden)
-        ctx.hidden_dtype = hidden.dtype
+        assert not ctx.needs_input_grad[1], "LinearLogprobs computes no gradient for the weight"
+        logprobs, entropies, softmax_grad = linear_logprobs(hidden, weight, targets, chunk_size, temperature,
+                                                            entropy, ctx.needs_input_grad[0])
+        ctx.save_for_backward(softmax_grad)
+        ctx.hidden_dtype, ctx.temperature = hidden.dtype, temperature
         entropies = logprobs.new_empty(0) if entropies is None else entropies
         ctx.mark_non_differentiable(entropies)
         return logprobs, entropies
 
     @staticmethod
     def backward(ctx, grad_logprobs, _):
-        (grad_hidden,) = ctx.saved_tensors
-        grad = grad_hidden * grad_logprobs.unsqueeze(1).to(grad_hidden.dtype)
-        return grad.to(ctx.hidden_dtype), None, None, None, None, None
+        (softmax_grad,) = ctx.saved_tensors
+        scale = grad_logprobs * (-1 / ctx.temperature)  # (N,) float32
+        return (softmax_grad.float() * scale.unsqueeze(1)).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                    temperature: float = 1.0, entropy: bool = False, hidden_grad: bool = False
+                    temperature: float = 1.0, entropy: bool = False, softmax_grad: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """log p(target) (N,) float32 at `temperature`, equal to token_logprobs_and_entropy's (the same logits, log-softmax
-    in float32); if asked for, the entropies (N,) (else None) and d log p(target_i) / d hidden_i (N, hidden_size) in
-    hidden's dtype (the autocast dtype under autocast; else None)."""
+    in float32); the entropies (N,) if `entropy` (else None); and if `softmax_grad` (else None) the product
+    (softmax(logits / temperature) - onehot(target)) @ weight (N, hidden_size), in hidden's dtype (the autocast dtype
+    under autocast), which is -temperature times d log p(target_i) / d hidden_i."""
     if torch.is_autocast_enabled(hidden.device.type):  # as linear_cross_entropy: the weight cast once
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     logprobs = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
     entropies = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device) if entropy else None
-    grad_hidden = torch.empty_like(hidden) if hidden_grad else None
+    products = torch.empty_like(hidden) if softmax_grad else None
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         chunk = slice(start, start + chunk_size)
-        chunk_logprobs = ((h @ weight.T).float() / temperature).log_softmax(dim=-1)  # (chunk, vocab)
+        logits = (h @ weight.T).float()  # (chunk, vocab)
+        if temperature != 1.0:
+            logits.div_(temperature)  # the same bits as token_logprobs_and_entropy's division
+        chunk_logprobs = logits.log_softmax(dim=-1)
         logprobs[chunk] = chunk_logprobs.gather(1, t.unsqueeze(1)).squeeze(1)
         probs = None
         if entropies is not None:
             probs = chunk_logprobs.exp()
             entropies[chunk] = -(probs * chunk_logprobs).sum(dim=-1)
-        if grad_hidden is not None:
-            # softmax minus one-hot(t): d (-log p(t)) / d (logits / temperature)
-            grad_logits = chunk_logprobs.exp_() if probs is None else probs
-            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad_hidden[chunk] = (grad_logits.to(h.dtype) @ weight).mul_(-1 / temperature)
-    return logprobs, entropies, grad_hidden
+        if products is not None:
+            probs = chunk_logprobs.exp_() if probs is None else probs  # softmax (in place if not kept for entropy)
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1
+            products[chunk] = probs.to(h.dtype) @ weight
+    return logprobs, entropies, products
 
 
 def perplexity(mean_cross_entropy: float) -> float:
