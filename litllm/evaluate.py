@@ -5,11 +5,11 @@ works once this module is imported). It runs litllm's own GPT, no conversion to 
 lm-eval's `hf` backend does (lm_eval/api/model.py `TemplateLM`, lm_eval/models/huggingface.py `HFLM`), so the
 numbers are the `hf` backend's up to float32 rounding.
 
-Multiple-choice questions score several continuations of one context. Here each question's longest answer runs
-whole, into the KV cache, and every other answer runs only from where it parts from that one (the context, and
-often its first words), on a copy of that cache: a 4-choice question costs one whole answer plus what the three
-others add, instead of four whole sequences. Questions of any lengths share a pass, right-padded, and the other
-answers of several batches of questions run sorted by length, each row at its own positions. Only the scored
+Multiple-choice questions score several continuations of one context. Here a question is one row: its longest
+answer whole, then each other answer only from where it parts from that one (after the context, and often after
+its first words), at its own positions, attending to the shared part and to itself (a tree of branches, not a
+batch of copies): a 4-choice question costs one whole answer plus what the three others add, instead of four whole
+sequences, in one pass. Questions of any lengths share a pass, right-padded, longest first. Only the scored
 positions go through the output layer and log-softmax (a 49k-word vocabulary makes that a fifth of a small
 model's work), and a position shared by several answers is scored once.
 """
@@ -37,11 +37,6 @@ from litllm.training.losses import token_logprobs
 # generation_kwargs a task may set that litllm's sampler understands (lm-eval normalizes max_new_tokens & co.
 # into max_gen_toks, and do_sample/temperature into each other)
 _GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
-# batches of questions whose KV-cache rows are kept at once, so that the other answers of all of them are sorted by
-# length together: PIQA's 500 questions (24.2k tokens unpadded) run 26.8k tokens through the model in pools of 4
-# batches, 28.7k one batch at a time. For SmolLM2-135M the KV cache of 32 questions of n tokens is about the size
-# of hf's float32 logits for 8 sequences of n tokens
-_POOL_BATCHES = 4
 
 
 @register_model("litllm")
@@ -50,8 +45,7 @@ class LitLLM(TemplateLM):
 
     `adapter` is a LoRA adapter dir (PEFT format); its layers stay separate from the base weights (not merged),
     so what is evaluated is exactly what training produced. `batch_size` is the number of rows of a forward pass:
-    the longest answers of batch_size questions, or batch_size other answers continuing from their question's
-    cached rows, or batch_size documents.
+    batch_size questions (each with all its answers), or batch_size documents.
     """
 
     def __init__(
@@ -178,87 +172,68 @@ class LitLLM(TemplateLM):
             group = []
             for index, tokens in members:
                 shared = _common_prefix_len(members[0][1][:-1], tokens[:-1])
-                # a request continues from the first only if it shares at least a third of its input: a rest costs
-                # a pass of its own, padded to the longest rest of it, so one that shares less runs whole, with the
-                # firsts (on PIQA: 26.8k tokens through the model, 27.4k when every request continues). A rolling
-                # window shares one token with the other documents of its context: it runs whole
+                # a request joins its group's row only if it shares at least a third of its input with the first:
+                # an answer that shares only the context adds its own tokens to the row, so the row grows with
+                # the group; a rolling window shares one token with the other documents of its context and runs
+                # in a row of its own
                 if 3 * shared >= len(tokens) - 1:
                     group.append(_Request(index, tokens, len(context), shared))
                 else:
                     groups.append([_Request(index, tokens, len(context), len(tokens) - 1)])
             groups.append(group)
-        # longest first, as lm-eval sorts: a too-large batch fails at once, and the rows of a pass have about one
-        # length, so little of it is padding
-        groups.sort(key=lambda group: (-len(group[0].tokens), group[0].tokens))
+        # longest row first, as lm-eval sorts: a too-large batch fails at once, and the rows of a pass have about
+        # one length, so little of it is padding
+        groups.sort(key=lambda group: (-_row_len(group), group[0].tokens))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
-        pool = _POOL_BATCHES * self.batch_size
-        for start in range(0, len(groups), pool):
-            for index, result in self._score_groups(groups[start:start + pool]):
-                results[index] = result
-                if requests[index][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[index][0], result)
-                progress.update(1)
+        for index, result in self._score_groups(groups):
+            results[index] = result
+            if requests[index][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[index][0], result)
+            progress.update(1)
         progress.close()
         return results
 
     def _score_groups(self, groups: list[list[_Request]]) -> Iterator[tuple[int, tuple[float, bool]]]:
-        """(request index, its score) for each request of `groups`, as soon as it is scored.
+        """(request index, its score) for each request of `groups`, batch_size groups a pass.
 
-        Each group's first (longest) request runs whole, batch_size groups a pass, right-padded, into its group's
-        row of the KV cache. Every other request shares a prefix with the first, at least the context: its
-        log-probs up to where the two part are read at the first's positions (each position and target scored
-        once), and only the rest of it runs, on a copy of that KV-cache row, at its own positions. These rests run
-        batch_size a pass, longest first across all the groups, so that the rows of a pass have about one length.
-        Padding cannot change a real position: attention is causal, so a real token never sees a later pad (nor,
-        in a copy, the first's tokens past the shared prefix, which its own overwrite), and pads are never scored.
-        (The numbers can still move in the last float32 bit with the batch's shape, as matmul kernels pick their
-        blocking by size.)
+        A group is one row of a pass: its first (longest) request's input, then, for every other request, the
+        tokens past the prefix it shares with the first (a branch), at their own positions. A branch token attends
+        to the first's tokens before the fork and to its own branch up to itself, so every request's tokens see
+        exactly its own input, as if it ran alone. A request's log-probs up to the fork are read at the first's
+        positions, and each (position, target) is scored once. Rows are right-padded; a real token never attends
+        to a pad, and pads are never scored. (The numbers can still move in the last float32 bit with the pass's
+        shape, as matmul kernels pick their blocking by size.)
         """
-        model, device = self.model, self.device
-        leads = [group[0].tokens[:-1] for group in groups]
-        # the requests that continue past the first's input, each with its group's row, longest rest first
-        rests = sorted(((row, request) for row, group in enumerate(groups) for request in group if _rest_len(request)),
-                       key=lambda rest: -_rest_len(rest[1]))
-        passes = [rests[i:i + self.batch_size] for i in range(0, len(rests), self.batch_size)]
-        if passes:
-            # a pass's pads continue each row's positions: room for its longest rest after its latest start
-            cache_len = max([len(lead) for lead in leads] + [max(request.shared for _, request in chunk)
-                                                             + _rest_len(chunk[0][1]) for chunk in passes])
-            model.setup_kv_cache(batch_size=len(groups), max_seq_len=cache_len)
-        try:
-            parts: dict[int, list[torch.Tensor]] = {}  # request index -> its scored positions so far, in order
-            for first in range(0, len(groups), self.batch_size):
-                batch = groups[first:first + self.batch_size]
-                input_ids = _right_padded(leads[first:first + len(batch)], device)
-                if passes:  # into the KV cache, for the rests
-                    hidden = model(input_ids, torch.arange(input_ids.size(1), device=device),
-                                   cache_rows=slice(first, first + len(batch)), return_hidden=True)
-                else:  # nothing continues from these rows: a plain causal pass
-                    hidden = model(input_ids, return_hidden=True)  # (batch, longest, hidden_size)
-                columns: dict[tuple[int, int, int], int] = {}  # (row, position, target) -> its column in `scored`
-                picks = {request.index: [columns.setdefault((row, position, request.tokens[position + 1]), len(columns))
-                                         for position in range(request.context_len - 1, request.shared)]
-                         for row, group in enumerate(batch) for request in group}
-                rows, positions, targets = zip(*columns)
-                scored = self._token_logprobs(hidden[rows, positions], targets)  # (2, len(columns))
-                parts.update((index, [scored[:, picked]]) for index, picked in picks.items())
-                yield from _finish([request for group in batch for request in group if not _rest_len(request)], parts)
-
-            prefilled = model.kv_cache_snapshot() if passes else None
-            for chunk in passes:
-                model.restore_kv_cache_rows(prefilled, torch.tensor([row for row, _ in chunk], device=device))
-                inputs = [request.tokens[request.shared:-1] for _, request in chunk]
-                input_pos = torch.tensor([list(range(request.shared, request.shared + len(inputs[0])))
-                                          for _, request in chunk], device=device)  # (chunk, longest rest)
-                hidden = model(_right_padded(inputs, device), input_pos, return_hidden=True)
-                scored = self._token_logprobs(torch.cat([hidden[row, :len(ids)] for row, ids in enumerate(inputs)]),
-                                              [t for _, request in chunk for t in request.tokens[request.shared + 1:]])
-                for (_, request), part in zip(chunk, scored.split([len(ids) for ids in inputs], dim=1)):
-                    parts[request.index].append(part)
-                yield from _finish([request for _, request in chunk], parts)
-        finally:
-            model.clear_kv_cache()
+        device = self.device
+        for first in range(0, len(groups), self.batch_size):
+            batch = groups[first:first + self.batch_size]
+            rows = [_branched_row(group) for group in batch]
+            input_ids = _right_padded([row.ids for row in rows], device)
+            if any(row.branched for row in rows):
+                position_ids = _right_padded([row.positions for row in rows], device)
+                branches = _right_padded([row.branches for row in rows], device, pad=-1)
+                forks = _right_padded([row.forks for row in rows], device).unsqueeze(2)  # (B, T, 1)
+                # token i sees token j before or at its position on its own branch, or on the trunk before its fork
+                same_branch, trunk = branches.unsqueeze(2) == branches.unsqueeze(1), branches.unsqueeze(1) == 0
+                attention_mask = (position_ids.unsqueeze(1) <= position_ids.unsqueeze(2)) & (
+                    same_branch | trunk & (position_ids.unsqueeze(1) < forks))  # (B, T, T)
+                hidden = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                    return_hidden=True)
+            else:  # every row is one request: a plain causal pass
+                hidden = self.model(input_ids, return_hidden=True)  # (batch, longest, hidden_size)
+            columns: dict[tuple[int, int, int], int] = {}  # (row, index in the row, target) -> its column in `scored`
+            picks = {request.index: [columns.setdefault((r, rows[r].where[request.index][position],
+                                                         request.tokens[position + 1]), len(columns))
+                                     for position in range(request.context_len - 1, len(request.tokens) - 1)]
+                     for r, group in enumerate(batch) for request in group}
+            row_numbers, indices, targets = zip(*columns)
+            scored = self._token_logprobs(hidden[row_numbers, indices], targets)  # (2, len(columns))
+            for index, picked in picks.items():
+                logprobs, greedy = scored[:, picked]
+                # summed in float32, as HFLM sums its float32 log-probs (over hundreds of tokens the rounding of
+                # the sum alone reaches 1e-4)
+                yield index, (float(logprobs.sum()), bool(greedy.all()))
 
     def _token_logprobs(self, hidden: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """For hidden states (N, hidden_size) and N target ids, a (2, N) float32 tensor: log p of each target, and
@@ -312,28 +287,49 @@ class _Request:
     shared: int
 
 
+@dataclass
+class _BranchedRow:
+    """A group's requests in one row: ids at their positions, the branch of each (0: the first request's input,
+    the trunk) and where that branch forks from the trunk, and per request index the row index of each of its
+    input positions."""
+    ids: list[int]
+    positions: list[int]
+    branches: list[int]
+    forks: list[int]
+    where: dict[int, list[int]]
+
+    @property
+    def branched(self) -> bool:
+        return max(self.branches) > 0
+
+
+def _branched_row(group: list[_Request]) -> _BranchedRow:
+    trunk = group[0].tokens[:-1]
+    row = _BranchedRow(list(trunk), list(range(len(trunk))), [0] * len(trunk), [0] * len(trunk), {})
+    for branch, request in enumerate(group):  # the first adds no tokens: it is the trunk
+        rest = request.tokens[request.shared:-1]
+        start = len(row.ids)
+        row.ids += rest
+        row.positions += range(request.shared, request.shared + len(rest))
+        row.branches += [branch] * len(rest)
+        row.forks += [request.shared] * len(rest)
+        row.where[request.index] = list(range(request.shared)) + list(range(start, start + len(rest)))
+    return row
+
+
+def _row_len(group: list[_Request]) -> int:
+    """The length of a group's row: the first's input, and what every other request adds past its fork."""
+    return sum(len(request.tokens) - 1 - request.shared for request in group) + len(group[0].tokens) - 1
+
+
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _finish(requests: list[_Request], parts: dict[int, list[torch.Tensor]]
-            ) -> Iterator[tuple[int, tuple[float, bool]]]:
-    """(index, score) of each request from its log-probs, summed in float32 as HFLM sums its float32 log-probs
-    (over hundreds of tokens the rounding of the sum alone reaches 1e-4)."""
-    for request in requests:
-        logprobs, greedy = torch.cat(parts.pop(request.index), dim=1)  # (len(continuation),) each
-        yield request.index, (float(logprobs.sum()), bool(greedy.all()))
-
-
-def _rest_len(request: _Request) -> int:
-    """How many input tokens a request has past those it shares with its group's first."""
-    return len(request.tokens) - 1 - request.shared
-
-
-def _right_padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """(len(rows), longest row) token ids, padded with 0 on the right: pads are never attended to nor scored."""
+def _right_padded(rows: list[list[int]], device: torch.device, pad: int = 0) -> torch.Tensor:
+    """(len(rows), longest row), padded with `pad` on the right: pads are never attended to nor scored."""
     width = max(map(len, rows))
-    return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -45,6 +45,7 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
         cache_rows: slice | None = None,
     ) -> torch.Tensor:
@@ -59,7 +60,9 @@ class GPT(nn.Module):
         rows are (default: all of them, in order), so one request can be prefilled into its own row.
 
         Packed training rows pass `position_ids` and `document_ids` (B, T): positions restart and attention
-        stops at each document boundary, so packed documents never see each other.
+        stops at each document boundary, so packed documents never see each other. Any other layout passes
+        `position_ids` and `attention_mask` (B, T, T), True where token i may attend to token j: evaluate packs a
+        question's answers into one row, each answer seeing the question and its own tokens only.
         """
         T = input_ids.size(1)
         window = self.config.sliding_window
@@ -76,6 +79,12 @@ class GPT(nn.Module):
             positions = position_ids
             same_document = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
             mask = (same_document & build_mask(T, window, input_ids.device)).unsqueeze(1)  # (B, 1, T, T)
+        elif attention_mask is not None:
+            positions = position_ids
+            mask = attention_mask
+            if window is not None:
+                mask = mask & (positions.unsqueeze(2) - positions.unsqueeze(1) < window)
+            mask = mask.unsqueeze(1)  # (B, 1, T, T)
         else:
             positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
             mask = None if window is None or T <= window else build_mask(T, window, input_ids.device)

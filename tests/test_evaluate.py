@@ -153,10 +153,10 @@ def test_chat_template_prompts_equal_hf_backend(smollm2_runs):
 
 
 def test_contexts_of_different_lengths_in_one_batch_equal_one_at_a_time_and_hf(tiny_chat_model_dir):
-    """Three questions of 7, 3 and 5 context tokens. In one batch each question's longest answer runs whole (one pass,
-    right-padded), and the other answers run on copies of their question's KV cache from where they part from it,
-    at their own positions (a second pass): an answer sharing a token with the longest, one that is its prefix, a
-    single token, and a longer one of another question."""
+    """Three questions of 7, 3 and 5 context tokens, one row each in one pass: the longest answer whole, then each
+    other answer's tokens past where it parts from that one, at its own positions, seeing only its own input. The
+    other answers: one sharing a token with the longest, one that is its prefix, a single token, and a shorter one
+    of another question that shares only the context."""
     from lm_eval.models.huggingface import HFLM
 
     questions = [
@@ -168,10 +168,11 @@ def test_contexts_of_different_lengths_in_one_batch_equal_one_at_a_time_and_hf(t
     ours = LitLLM(tiny_chat_model_dir, batch_size=4)
     passes = []
     forward = ours.model.forward
-    ours.model.forward = lambda input_ids, *args, **kwargs: passes.append(len(input_ids)) or forward(input_ids, *args,
-                                                                                                      **kwargs)
+    ours.model.forward = lambda input_ids, *args, **kwargs: passes.append(tuple(input_ids.shape)) or forward(
+        input_ids, *args, **kwargs)
     batched = ours._loglikelihood_tokens(requests, disable_tqdm=True)
-    assert passes == [3, 2]  # the three questions' longest answers together, then the two answers that part early
+    # the longest row: question 1's 7 + 4 - 1 input tokens, and 310, 311 of the answer that parts after 201
+    assert passes == [(3, 12)]
     ours.batch_size = 1
     one_at_a_time = [ours._loglikelihood_tokens([request], disable_tqdm=True)[0] for request in requests]
     hf = HFLM(pretrained=str(tiny_chat_model_dir), dtype="float32", device="cpu", batch_size=1)

@@ -59,6 +59,29 @@ def test_kv_cache_decoding_equals_full_forward(family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_branched_row_equals_each_sequence_alone(family):
+    """One row holding a 20-token trunk and two branches (forking after 8 and 15 tokens, 12 and 6 tokens long), each
+    token attending to the tokens of its own sequence only, as `attention_mask` says: every sequence's logits are
+    those it gets alone, past the Mistral sliding window (5) too."""
+    _, out_dir, _ = family
+    model = load_model(out_dir)
+    x = input_ids(batch=1, length=38)[0]
+    trunk, forks, rests = x[:20], [8, 15], [x[20:32], x[32:38]]
+    row = torch.cat([trunk, *rests])
+    positions = torch.cat([torch.arange(20)] + [torch.arange(fork, fork + len(rest)) for fork, rest in zip(forks,
+                                                                                                             rests)])
+    # each sequence as row indices: the trunk's first `fork` tokens, then its own
+    sequences = [list(range(20)), list(range(8)) + list(range(20, 32)), list(range(15)) + list(range(32, 38))]
+    mask = torch.zeros(len(row), len(row), dtype=torch.bool)
+    for sequence in sequences:
+        for i, index in enumerate(sequence):
+            mask[index, sequence[:i + 1]] = True
+    logits = model(row[None], position_ids=positions[None], attention_mask=mask[None])[0]
+    for sequence in sequences:
+        torch.testing.assert_close(logits[sequence], model(row[sequence][None])[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("max_shard_size", [10**9, 200_000])  # one file, and shards with an index
 @torch.no_grad()
 def test_saved_checkpoint_loads_in_transformers_with_same_logits(family, tmp_path, max_shard_size):
