@@ -31,11 +31,11 @@ def append_results(title: str, command: str, table: str, notes: str) -> None:
 def too_slow_here(dtype: torch.dtype) -> str | None:
     """Why a run in `dtype` is skipped on this machine: on a CPU without fast half-precision kernels (AVX2 only),
     bfloat16/float16 products run ~50-90x slower than float32 on both sides, so such a row would take hours."""
-    from litllm.checkpoint import cpu_matmul_slowdown
+    from litllm.checkpoint import SLOW, cpu_matmul_slowdown
 
     if torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
         return None
     slowdown = cpu_matmul_slowdown(dtype)
     name = str(dtype).removeprefix("torch.")
     return f"{name}: not run: its matrix products run {slowdown:.0f}x slower than float32 on this CPU" \
-        if slowdown >= 4 else None
+        if slowdown >= SLOW else None

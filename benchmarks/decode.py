@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import append_results, machine, too_slow_here
+from common import append_results, machine
 
 from litllm import LLM
 from litllm.decode import generate_tokens
@@ -88,12 +88,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     prompt_ids = Tokenizer(args.checkpoint_dir).encode_chat(PROMPT)
-    rows, skipped = [], []
+    rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        if reason := too_slow_here(dtype):
-            skipped.append(reason)
-            continue
         hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).eval()
         eager = LLM.load(args.checkpoint_dir, dtype=dtype)
         compiled = LLM.load(args.checkpoint_dir, dtype=dtype, compile=True)  # as `--compile true` loads it
@@ -116,7 +113,6 @@ def main() -> None:
     for name, _, hf_tps, tps, ratio, ctps, cratio, compile_s, same, same_compiled in rows:
         lines.append(f"| {name} | {hf_tps:.1f} | {tps:.1f} | {ratio:.2f}x | {ctps:.1f} | {cratio:.2f}x | "
                      f"{compile_s:.0f} | {same} | {same_compiled} |")
-    lines += [""] + skipped if skipped else []
     if importlib.util.find_spec("llama_cpp") is None:
         lines.append("\nllama.cpp: not measured (llama_cpp, from the llama-cpp-python package, is not importable here)")
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import column_major_weights, generate_tokens, row_block_linears, stream_text
+from litllm.decode import column_major_weights, generate_tokens, inference_linears, stream_text
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT
 from litllm.tokenizer import Tokenizer
@@ -44,10 +44,12 @@ class LLM:
         if adapter is not None:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
             model = merge_lora(model)
-        if device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
-            # eager: few-row products a thread per block of weight rows; compiled: column-major weights, which decode
-            # faster under compile (1.38-1.63x transformers on an AVX2 EPYC, against 1.16-1.33x with row blocks)
-            (column_major_weights if compile else row_block_linears)(model)
+        if compile and device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
+            # column-major weights decode faster under compile (1.38-1.63x transformers on an AVX2 EPYC, against
+            # 1.16-1.33x with row blocks)
+            column_major_weights(model)
+        else:
+            inference_linears(model)  # CPU: few-row products over all threads, and fast 16-bit ones where they are not
         return cls(model, tokenizer, checkpoint_dir, compile=compile)
 
     def generate(

@@ -67,11 +67,13 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def inference_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
-    """The dtype to run a model in: the one asked for, else float32 on CPU (half-precision CPU matmuls are slower and
-    less exact) and the checkpoint's own (None) on GPU."""
-    dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else None)
-    warn_if_slow_on_cpu(dtype, device, "--dtype float32")
-    return dtype
+    """The dtype to run a model in: the one asked for, else float32 on CPU (more exact, and on CPUs without fast
+    half-precision products faster for long prompts) and the checkpoint's own (None) on GPU. Inference in bfloat16 or
+    float16 is not warned about on such CPUs: its products run as decode.HalfLinear, not at the half kernels' speed."""
+    return parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else None)
+
+
+SLOW = 4  # cpu_matmul_slowdown from which a dtype's products count as slow on this CPU
 
 
 def warn_if_slow_on_cpu(dtype: torch.dtype | None, device: torch.device, fix: str) -> None:
@@ -80,7 +82,7 @@ def warn_if_slow_on_cpu(dtype: torch.dtype | None, device: torch.device, fix: st
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return
     slowdown = cpu_matmul_slowdown(dtype)
-    if slowdown >= 4:
+    if slowdown >= SLOW:
         print(f"warning: {str(dtype).removeprefix('torch.')} matrix products run {slowdown:.0f}x slower than float32 "
               f"on this CPU (measured just now); {fix} is faster here", file=sys.stderr)
 

@@ -8,14 +8,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
+from litllm import checkpoint
 from litllm.errors import UserError
 from litllm.model import GPT
 
 
 def column_major_weights(model: GPT) -> None:
     """Store each linear weight transposed in memory (same values, same shape to every caller): the faster layout
-    for a compiled decode step (benchmarks/RESULTS.md). Eager decoding takes row_block_linears instead."""
+    for a compiled decode step (benchmarks/RESULTS.md). Eager decoding takes inference_linears instead."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight = torch.nn.Parameter(module.weight.detach().t().contiguous().t(),
@@ -49,23 +51,52 @@ class RowBlockLinear(torch.nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def row_block_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """Make `model`'s float32 CPU nn.Linear layers (LoRA's base layers too) RowBlockLinear, in place: the same modules
-    and parameters (tied weights stay tied), only their forward changes. Returns the layers it changed."""
-    layers = [module for module in model.modules() if type(module) is torch.nn.Linear
-              and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
-              and module.weight.is_contiguous()]
-    for layer in layers:
-        layer.__class__ = RowBlockLinear
+class HalfLinear(torch.nn.Linear):
+    """nn.Linear with bfloat16/float16 weights, for a CPU whose half-precision matrix products are slow (no AVX-512:
+    PyTorch's 256 x 256 product runs 50-90x slower than in float32 on a 2-core AVX2 AMD EPYC).
+
+    Up to `max_rows` rows (a decode step) keep PyTorch's half product, which is a matrix-vector kernel per row there
+    and streams the 16-bit weights fast (13-19 GB/s, twice float32's parameters per second). More rows (a prompt's
+    prefill, a batch of requests) compute in float32, the weight converted for the call: 43 rows 3x faster, 8 rows
+    even. Either way the sums are float32's and the result is rounded to the weight's dtype once."""
+
+    max_rows = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features <= self.max_rows:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def inference_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Give `model`'s CPU nn.Linear layers (LoRA's base layers too) the faster forward for inference, in place: float32
+    ones RowBlockLinear, bfloat16/float16 ones HalfLinear where this CPU's half products are slow. The same modules and
+    parameters (tied weights stay tied), only their forward changes. Returns the layers it changed."""
+    layers = []
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+            kind = _inference_kind(module.weight.dtype)
+            if kind is not None:
+                module.__class__ = kind
+                layers.append(module)
     return layers
+
+
+def _inference_kind(dtype: torch.dtype) -> type[torch.nn.Linear] | None:
+    if dtype == torch.float32:
+        return RowBlockLinear
+    if dtype in (torch.bfloat16, torch.float16) and checkpoint.cpu_matmul_slowdown(dtype) >= checkpoint.SLOW:
+        return HalfLinear
+    return None
 
 
 @contextmanager
 def row_blocks(model: torch.nn.Module) -> Iterator[None]:
-    """row_block_linears for a while, for sampling from a model that trains in between (GRPO's rollouts): afterwards
+    """inference_linears for a while, for sampling from a model that trains in between (GRPO's rollouts): afterwards
     its layers are plain nn.Linear again, as training's products (many rows) and torch.compile expect. Nothing
-    changes under autocast (row blocks are float32's)."""
-    layers = [] if torch.is_autocast_enabled("cpu") else row_block_linears(model)
+    changes under autocast."""
+    layers = [] if torch.is_autocast_enabled("cpu") else inference_linears(model)
     try:
         yield
     finally:

@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import generate_tokens, row_block_linears, stream_text
+from litllm.decode import generate_tokens, inference_linears, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
 from litllm.model import GPT
@@ -66,8 +66,7 @@ class LitLLM(TemplateLM):
         self.model: GPT = load_model(checkpoint_dir, dtype=inference_dtype(dtype, self._device), device=self._device)
         if adapter is not None:
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
-        if self._device.type == "cpu" and self.model.embed_tokens.weight.dtype == torch.float32:
-            row_block_linears(self.model)
+        inference_linears(self.model)
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir
         self.adapter = adapter

@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from litllm import LLM
 from litllm.checkpoint import load_model
-from litllm.decode import (RowBlockLinear, generate_tokens, row_block_linears, sample, sample_continuations,
-                           stream_text)
+from litllm.decode import (HalfLinear, RowBlockLinear, generate_tokens, inference_linears, sample,
+                           sample_continuations, stream_text)
 from litllm.lora import LoRAConfig, apply_lora
 from litllm.tokenizer import Tokenizer
 
@@ -79,7 +79,7 @@ def test_llm_api_generate_chat_and_logits(llm, hf_model):
     assert completion == "".join(llm.generate("The capital of Germany is", max_new_tokens=8, stream=True))
 
 
-def test_row_block_linears_compute_a_few_rows_in_blocks_and_keep_the_parameters(monkeypatch):
+def test_inference_linears_compute_a_few_float32_rows_in_blocks_and_keep_the_parameters(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     model = nn.ModuleDict({"embed": nn.Embedding(33, 64), "proj": nn.Linear(64, 96), "head": nn.Linear(64, 33, False)})
     for param in model.parameters():
@@ -87,7 +87,7 @@ def test_row_block_linears_compute_a_few_rows_in_blocks_and_keep_the_parameters(
     model.head.weight = model.embed.weight  # tied, as a tied lm_head
     inputs = [torch.randn(shape, generator=generator) for shape in [(1, 1, 64), (2, 5, 64), (1, 257, 64)]]
     expected = {name: [model[name](x) for x in inputs] for name in ("proj", "head")}
-    row_block_linears(model)
+    inference_linears(model)
     assert type(model.proj) is RowBlockLinear and model.head.weight is model.embed.weight
     bmm_calls = []
     bmm = torch.bmm
@@ -122,64 +122,66 @@ def test_sampling_from_a_lora_model_runs_in_row_blocks_and_gives_the_layers_back
     assert {type(module) for module in model.modules() if isinstance(module, nn.Linear)} == {nn.Linear}
 
 
-def test_half_precision_on_a_cpu_without_fast_kernels_is_warned_about(tiny_chat_model_dir, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_half_linears_multiply_many_rows_in_float32_on_a_cpu_without_fast_half_products(monkeypatch):
+    import litllm.checkpoint
+
+    generator = torch.Generator().manual_seed(0)
+    model = nn.ModuleDict({"fp16": nn.Linear(64, 96).half(), "bf16": nn.Linear(64, 96, bias=False).bfloat16(),
+                           "fp32": nn.Linear(64, 96)})
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
+    assert [type(layer) for layer in inference_linears(model)] == [RowBlockLinear]
+    model.fp32.__class__ = nn.Linear
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 60.0)  # as on a 2-core AVX2 EPYC
+    assert [type(layer) for layer in inference_linears(model)] == [HalfLinear, HalfLinear, RowBlockLinear]
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *args: calls.append(x.dtype) or linear(x, *args))
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        layer = model[name]
+        for rows in (1, 8, 9, 43):
+            x = torch.randn(rows, 64, generator=generator).to(dtype)
+            calls.clear()
+            y = layer(x)
+            # a decode step's rows keep the half product; a prompt's are multiplied in float32, rounded once
+            assert calls == [dtype if rows <= HalfLinear.max_rows else torch.float32] and y.dtype == dtype
+            if rows > HalfLinear.max_rows:
+                bias = None if layer.bias is None else layer.bias.float()
+                assert torch.equal(y, linear(x.float(), layer.weight.float(), bias).to(dtype))
+            torch.testing.assert_close(y, linear(x, layer.weight, layer.bias))  # the half product, to its rounding
+
+
+def test_greedy_float16_generation_equals_transformers(smollm2_dir):
+    """In float16 on a CPU without fast half products (this one), LLM.load's layers multiply the prompt in float32
+    and each decode step's row in float16 (HalfLinear); the tokens are still transformers' float16 ones."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM.load(smollm2_dir, dtype="float16")
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float16).eval()
+    prompt_ids = llm.tokenizer.encode_chat(CHATS[0])
+    with threads(2):
+        ours = list(generate_tokens(llm.model, prompt_ids, max_new_tokens=24, stop_ids=llm.tokenizer.stop_ids))
+    expected = hf.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                           max_new_tokens=24, do_sample=False, eos_token_id=llm.tokenizer.stop_ids,
+                           pad_token_id=llm.tokenizer.pad_id)[0, len(prompt_ids):].tolist()
+    assert ours == expected and len(ours) >= 8
+
+
+def test_half_precision_training_on_a_cpu_without_fast_kernels_is_warned_about(tiny_chat_model_dir, tmp_path,
+                                                                               monkeypatch, capsys):
     import litllm.checkpoint
     from litllm.training.fabric import setup_fabric
 
     assert litllm.checkpoint.cpu_matmul_slowdown(torch.float16) > 0  # measured on this machine: fast or not
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 60.0)  # as on a 2-core AVX2 EPYC
-    LLM.load(tiny_chat_model_dir, dtype="bf16")
-    LLM.load(tiny_chat_model_dir)  # float32: nothing to say
+    llm = LLM.load(tiny_chat_model_dir, dtype="bf16")  # inference: its products are HalfLinear's, nothing to say
+    assert type(llm.model.layers[0].mlp.up_proj) is HalfLinear
+    LLM.load(tiny_chat_model_dir)
     setup_fabric(tmp_path, "bf16-true", "csv")
     assert capsys.readouterr().err.splitlines() == [
-        "warning: bfloat16 matrix products run 60x slower than float32 on this CPU (measured just now); --dtype "
-        "float32 is faster here",
         "warning: bfloat16 matrix products run 60x slower than float32 on this CPU (measured just now); --precision "
         "32-true is faster here"]
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
-    LLM.load(tiny_chat_model_dir, dtype="bf16")
+    llm = LLM.load(tiny_chat_model_dir, dtype="bf16")
+    assert type(llm.model.layers[0].mlp.up_proj) is nn.Linear
     setup_fabric(tmp_path, "bf16-mixed", "csv")
     assert "warning" not in capsys.readouterr().err
-
-
-def test_stop_string_ends_the_completion(llm):
-    full = llm.generate("1, 2, 3, 4,", max_new_tokens=16)
-    assert " 7" in full
-    cut = llm.generate("1, 2, 3, 4,", max_new_tokens=16, stop=[" 7"])
-    assert cut == full[:full.index(" 7")]
-
-
-def test_sampling_is_reproducible_with_a_seed(llm):
-    kwargs = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50)
-    a = llm.chat(CHATS[1], seed=7, **kwargs)
-    assert a == llm.chat(CHATS[1], seed=7, **kwargs)
-    assert len({llm.chat(CHATS[1], seed=s, **kwargs) for s in range(4)}) > 1
-
-
-def test_top_p_and_top_k_keep_only_the_most_likely_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    for seed in range(50):
-        g = torch.Generator().manual_seed(seed)
-        assert sample(logits, temperature=1.0, top_p=0.7, generator=g).item() in (0, 1)
-        assert sample(logits, temperature=1.0, top_k=1, generator=g).item() == 0
-    assert sample(logits).item() == 0
-
-
-def test_streamed_korean_text_never_splits_a_character(llm):
-    pieces = list(llm.chat(CHATS[3], max_new_tokens=32, stream=True))
-    assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) == llm.chat(CHATS[3], max_new_tokens=32)
-
-
-def test_stream_text_holds_back_partial_stop_strings(llm):
-    tok = llm.tokenizer
-    ids = tok.encode("Hello world. END more", add_special_tokens=False)
-    assert "".join(stream_text(tok, ids, stop=["END"])) == "Hello world. "
-
-
-def test_compiled_decode_step_gives_the_eager_tokens(tiny_chat_model_dir):
-    eager = LLM.load(tiny_chat_model_dir)
-    compiled = LLM(eager.model, eager.tokenizer, eager.checkpoint_dir, compile=True)
-    for messages in CHATS[:2]:  # the second call reuses the compiled step (same cache length bucket)
-        assert compiled.chat(messages, max_new_tokens=20) == eager.chat(messages, max_new_tokens=20)

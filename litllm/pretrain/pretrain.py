@@ -28,7 +28,7 @@ import torch.nn as nn
 from litllm.checkpoint import check_checkpoint_dir, copy_tokenizer_files, load_model, write_model_files
 from litllm.config import Config
 from litllm.data import TextCorpus, TrainingDataset
-from litllm.decode import generate_tokens, row_block_linears
+from litllm.decode import generate_tokens, inference_linears
 from litllm.errors import UserError
 from litllm.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
 from litllm.model import GPT
@@ -259,7 +259,7 @@ def add_adapters(model: GPT, lora: LoRAConfig, train_embeddings: bool, resume_fr
 def print_sample(checkpoint: Path, tokenizer: Tokenizer, prompt: str, device: torch.device, seed: int) -> None:
     """A sampled continuation of `prompt` from the saved checkpoint (which also shows that it loads)."""
     model = load_model(checkpoint, dtype=torch.float32, device=device)
-    row_block_linears(model)  # on CPU: one-row products over all threads (a no-op elsewhere)
+    inference_linears(model)  # on CPU: one-row products over all threads (a no-op elsewhere)
     ids = generate_tokens(model, tokenizer.encode(prompt, add_special_tokens=False), max_new_tokens=100,
                           temperature=0.8, top_k=50, stop_ids=tokenizer.stop_ids, seed=seed)
     print(f"Sample:\n{prompt}{tokenizer.decode(list(ids), skip_special_tokens=True)}")
