@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from litllm.decode import TextStream, sample
+from litllm.decode import TextStream, prefill, sample
 from litllm.model import GPT
 
 
@@ -168,9 +168,8 @@ class Scheduler:
 
     def _prefill(self, row: int) -> None:
         prompt = torch.tensor([self.rows[row].prompt_ids], device=self.device)  # (1, T)
-        hidden = self.model(prompt, torch.arange(prompt.size(1), device=self.device)[None],
-                            cache_rows=slice(row, row + 1), return_hidden=True)
-        logits = self.model.lm_head(hidden[:, -1]).float()  # (1, vocab): only the last position is sampled from
+        logits = prefill(self.model, prompt, torch.arange(prompt.size(1), device=self.device)[None],
+                         cache_rows=slice(row, row + 1))  # (1, vocab)
         self.position[row] = prompt.size(1)
         self._accept(row, logits)
 
