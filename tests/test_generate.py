@@ -7,8 +7,7 @@ import torch.nn as nn
 
 from litllm import LLM
 from litllm.checkpoint import load_model
-from litllm.decode import (HalfLinear, RowBlockLinear, generate_tokens, inference_linears, sample,
-                           sample_continuations, stream_text)
+from litllm.decode import (HalfLinear, RowBlockLinear, generate_tokens, inference_linears, sample_continuations)
 from litllm.lora import LoRAConfig, apply_lora
 from litllm.tokenizer import Tokenizer
 

@@ -123,3 +123,19 @@ def test_named_configs_build_the_same_parameters_as_transformers(name):
         reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
     shapes = lambda model: sorted(tuple(p.shape) for p in model.parameters())  # noqa: E731
     assert shapes(ours) == shapes(reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gradients_equal_autograd_of_the_plain_expression(dtype):
+    from litllm.model import swiglu
+
+    torch.manual_seed(0)
+    gate, up, grad = (torch.randn(3, 5, 64, dtype=dtype) for _ in range(3))
+    results = []
+    for fn in (swiglu, lambda g, u: torch.nn.functional.silu(g) * u):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        out = fn(g, u)
+        out.backward(grad)
+        results.append((out, g.grad, u.grad))
+    for fused, plain in zip(*results):
+        assert torch.equal(fused, plain)
