@@ -139,3 +139,23 @@ def test_swiglu_gradients_equal_autograd_of_the_plain_expression(dtype):
         results.append((out, g.grad, u.grad))
     for fused, plain in zip(*results):
         assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_equals_transformers_bit_for_bit_with_gradients(dtype):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from litllm.model import RotaryEmbedding, apply_rope
+
+    config = Config(n_layers=1, hidden_size=64, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=32)
+    hf_config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=config.rope_theta)
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, n, 7, config.head_dim, dtype=dtype, requires_grad=True) for n in (4, 2))
+    grad_q, grad_k = torch.randn_like(q), torch.randn_like(k)
+    ours = apply_rope(q, *RotaryEmbedding(config)(torch.arange(7), dtype)), apply_rope(k, *RotaryEmbedding(config)(
+        torch.arange(7), dtype))
+    theirs = apply_rotary_pos_emb(q, k, *LlamaRotaryEmbedding(hf_config)(q, torch.arange(7).unsqueeze(0)))
+    grads = [torch.autograd.grad(out, (q, k), (grad_q, grad_k)) for out in (ours, theirs)]
+    for a, b in zip((*ours, *grads[0]), (*theirs, *grads[1])):
+        assert torch.equal(a, b)
