@@ -149,7 +149,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        # scaled in place: the (vocab, hidden) gradient is used once, and a scaled copy would be one more of its size
+        grad_weight = None if grad_weight is None else grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return (grad_hidden * grad_total.to(grad_hidden.dtype)).to(ctx.hidden_dtype), grad_weight, None, None
 
 
@@ -176,7 +177,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
             grad_logits = grad_logits.to(h.dtype)
             grad_hidden[start:start + chunk_size] = grad_logits @ weight
-            if grad_weight is not None:
+            if grad_weight is None:
+                continue
+            if h.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)  # summed into place: no (vocab, hidden) product apart
+            else:
                 grad_weight += (grad_logits.T @ h).float()
     return total, grad_hidden, grad_weight
 
