@@ -96,9 +96,12 @@ def main() -> None:
         compiled = LLM.load(args.checkpoint_dir, dtype=dtype, compile=True)  # as `--compile true` loads it
         time_transformers(hf, prompt_ids, 8), time_litllm(eager, prompt_ids, 8)  # warm-up
         compile_seconds = time_litllm(compiled, prompt_ids, 8)[0]  # compiles the decode step
-        theirs = min(time_transformers(hf, prompt_ids, args.new_tokens) for _ in range(args.repeats))
-        ours = min(time_litllm(eager, prompt_ids, args.new_tokens) for _ in range(args.repeats))
-        ours_compiled = min(time_litllm(compiled, prompt_ids, args.new_tokens) for _ in range(args.repeats))
+        runs = []
+        for _ in range(args.repeats):  # the three take turns, so a slow spell of the machine hits each alike
+            runs.append((time_transformers(hf, prompt_ids, args.new_tokens),
+                         time_litllm(eager, prompt_ids, args.new_tokens),
+                         time_litllm(compiled, prompt_ids, args.new_tokens)))
+        theirs, ours, ours_compiled = (min(side) for side in zip(*runs))
         same = sum(a == b for a, b in zip(ours[1], theirs[1]))
         same_compiled = ours_compiled[1] == ours[1]
         rows.append((dtype_name, theirs[1], args.new_tokens / theirs[0], args.new_tokens / ours[0], theirs[0] / ours[0],
@@ -132,7 +135,7 @@ def main() -> None:
         title=f"Greedy decode, {args.checkpoint_dir.name}, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens",
         command="python " + " ".join(sys.argv),
         table=table,
-        notes=f"{machine()}; best of {args.repeats} runs per side after a warm-up; batch 1. 'compiled' is "
+        notes=f"{machine()}; best of {args.repeats} runs per side, taking turns, after a warm-up; batch 1. 'compiled' is "
               "`LLM.load(..., compile=True)` (`--compile true`): the decode step under torch.compile; 'compile s' "
               "is its one-off cost. In bfloat16/float16 greedy tokens can part from transformers' where two "
               "logits tie within half-precision rounding.",
