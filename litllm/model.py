@@ -88,16 +88,16 @@ class GPT(nn.Module):
         else:
             positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
             mask = None if window is None or T <= window else build_mask(T, window, input_ids.device)
-        cos, sin = self.rope(positions, dtype=self.embed_tokens.weight.dtype)
+        cos, signed_sin = self.rope(positions, dtype=self.embed_tokens.weight.dtype)
         if cos.dim() == 3:  # per-row positions (B, T, head_dim): broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            cos, signed_sin = cos.unsqueeze(1), signed_sin.unsqueeze(1)
         x = self.embed_tokens(input_ids)  # (B, T, hidden_size)
         for block in self.layers:
             if self.activation_checkpointing and self.training:
                 # keep only each block's input; recompute its insides during backward
-                x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(block, x, cos, signed_sin, mask, input_pos, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos, cache_rows)
+                x = block(x, cos, signed_sin, mask, input_pos, cache_rows)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x).float()
 
@@ -182,8 +182,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos, cache_rows=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, cache_rows)
+    def forward(self, x, cos, signed_sin, mask, input_pos, cache_rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, signed_sin, mask, input_pos, cache_rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -203,7 +203,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos, cache_rows=None):
+    def forward(self, x, cos, signed_sin, mask, input_pos, cache_rows=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -211,7 +211,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_heads or n_kv_heads, T, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, max_seq_len, head_dim)
             if mask.size(-1) < k.size(2):  # per-row positions: only as far as the longest row (see GPT.forward)
@@ -304,7 +304,8 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, computed per call from positions (no max-length table to allocate)."""
+    """cos and signed sin tables for RoPE (see apply_rope), computed per call from positions (no max-length table to
+    allocate)."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -353,14 +353,14 @@ def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains, a
     labels[0, :5] = -100  # a masked prompt
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ours = cross_entropy_sum(lm_head, hidden, labels, chunk_size=7)
-    ours.backward()
+    (ours * 0.37).backward()  # an incoming gradient other than 1, as a loss scale gives
     ours_grads = [hidden.grad.clone()] + ([lm_head.weight.grad.clone()] if weight_trains else [])
     hidden.grad, lm_head.weight.grad = None, None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = lm_head(hidden[:, :-1]).float()
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
-    expected.backward()
+    (expected * 0.37).backward()
     expected_grads = [hidden.grad] + ([lm_head.weight.grad] if weight_trains else [])
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-6)
     for a, b in zip(ours_grads, expected_grads):

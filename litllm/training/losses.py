@@ -135,7 +135,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     d loss / d logits = softmax(logits) - onehot(target) is known as soon as a chunk's logits are, so the
     gradients for hidden (and weight) are accumulated right away and the logits freed: no logits are kept
     for backward and none are recomputed. Under torch.no_grad() call linear_cross_entropy directly: in here
-    needs_input_grad says which inputs require grad, not whether gradients are wanted.
+    needs_input_grad says which inputs require grad, not whether gradients are wanted. One backward per forward: it
+    scales the saved weight gradient in place (a second, with retain_graph, stops with autograd's in-place error).
     """
 
     @staticmethod
