@@ -170,11 +170,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        logits = (h @ weight.T).float()  # (chunk, vocab)
-        log_z = logits.logsumexp(dim=-1)
-        total += (log_z - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+        # (chunk, vocab) float32 in one fused pass over the product, as F.cross_entropy computes it; logsumexp and a
+        # subtraction would each allocate and fill another chunk-sized tensor
+        logprobs = torch.log_softmax(h @ weight.T, dim=-1, dtype=torch.float32)
+        total -= logprobs.gather(1, t.unsqueeze(1)).sum()
         if grad_hidden is not None:
-            grad_logits = logits.sub_(log_z.unsqueeze(1)).exp_()  # softmax, in place
+            grad_logits = logprobs.exp_()  # softmax, in place
             grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
             grad_logits = grad_logits.to(h.dtype)
             grad_hidden[start:start + chunk_size] = grad_logits @ weight
@@ -183,7 +184,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             if h.dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.T, h)  # summed into place: no (vocab, hidden) product apart
             else:
-                grad_weight += (grad_logits.T @ h).float()
+                grad_weight += grad_logits.T @ h  # summed in float32 without a float32 copy of the product
     return total, grad_hidden, grad_weight
 
 
