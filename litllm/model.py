@@ -66,15 +66,21 @@ class GPT(nn.Module):
         """
         T = input_ids.size(1)
         window = self.config.sliding_window
+        kv_len = None  # attention reads the KV cache up to here (None: all of it)
         if input_pos is not None:
             if self.mask_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_kv_cache(...) first")
             positions = input_pos
             mask = self.mask_cache[input_pos]  # (T, max_seq_len): what each new token may attend to
-            if input_pos.dim() == 2:
-                # attention reads only the cached positions some row has reached, not the whole cache
+            if input_pos.dim() == 2 or not torch.compiler.is_compiling():
+                # only the cached positions some row has reached, not the whole cache; compiled decoding keeps the
+                # cache's full length, one shape for every step
                 kv_len = int(input_pos.max()) + 1
-                mask = mask[..., :kv_len].unsqueeze(1)  # (B, 1, T, kv_len)
+                mask = mask[..., :kv_len]
+            if input_pos.dim() == 2:
+                mask = mask.unsqueeze(1)  # (B, 1, T, kv_len)
+            elif T == 1 and kv_len is not None and (window is None or kv_len <= window):
+                mask = None  # one new token that sees every cached position: no mask to apply (SDPA is faster without)
         elif document_ids is not None:
             positions = position_ids
             same_document = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
@@ -97,7 +103,7 @@ class GPT(nn.Module):
                 # keep only each block's input; recompute its insides during backward
                 x = checkpoint(block, x, cos, signed_sin, mask, input_pos, use_reentrant=False)
             else:
-                x = block(x, cos, signed_sin, mask, input_pos, cache_rows)
+                x = block(x, cos, signed_sin, mask, input_pos, cache_rows, kv_len)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x).float()
 
@@ -182,8 +188,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, signed_sin, mask, input_pos, cache_rows=None):
-        x = x + self.attn(self.attn_norm(x), cos, signed_sin, mask, input_pos, cache_rows)
+    def forward(self, x, cos, signed_sin, mask, input_pos, cache_rows=None, kv_len=None):
+        x = x + self.attn(self.attn_norm(x), cos, signed_sin, mask, input_pos, cache_rows, kv_len)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -203,7 +209,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, signed_sin, mask, input_pos, cache_rows=None):
+    def forward(self, x, cos, signed_sin, mask, input_pos, cache_rows=None, kv_len=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -214,11 +220,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, max_seq_len, head_dim)
-            if mask.size(-1) < k.size(2):  # per-row positions: only as far as the longest row (see GPT.forward)
-                k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]
+            if kv_len is not None:  # only as far as the positions reached (see GPT.forward)
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             q = q.to(k.dtype)  # the cache may be float32 (see setup_kv_cache)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None,
+            enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, n_heads, T, head_dim)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
