@@ -9,7 +9,7 @@ import torch
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
 from litllm.decode import column_major_weights, generate_tokens, inference_linears, stream_text
 from litllm.lora import load_adapter, merge_lora
-from litllm.model import GPT
+from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
 
 
@@ -44,6 +44,7 @@ class LLM:
         if adapter is not None:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
             model = merge_lora(model)
+        fuse_projections(model)
         if compile and device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
             # column-major weights decode faster under compile (1.38-1.63x transformers on an AVX2 EPYC, against
             # 1.16-1.33x with row blocks)

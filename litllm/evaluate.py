@@ -30,7 +30,7 @@ from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model,
 from litllm.decode import generate_tokens, inference_linears, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
-from litllm.model import GPT
+from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
 from litllm.training.losses import token_logprobs
 
@@ -66,6 +66,7 @@ class LitLLM(TemplateLM):
         self.model: GPT = load_model(checkpoint_dir, dtype=inference_dtype(dtype, self._device), device=self._device)
         if adapter is not None:
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
+        fuse_projections(self.model)
         inference_linears(self.model)
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir

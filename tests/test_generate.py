@@ -173,7 +173,7 @@ def test_half_precision_training_on_a_cpu_without_fast_kernels_is_warned_about(t
     assert litllm.checkpoint.cpu_matmul_slowdown(torch.float16) > 0  # measured on this machine: fast or not
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 60.0)  # as on a 2-core AVX2 EPYC
     llm = LLM.load(tiny_chat_model_dir, dtype="bf16")  # inference: its products are HalfLinear's, nothing to say
-    assert type(llm.model.layers[0].mlp.up_proj) is HalfLinear
+    assert type(llm.model.layers[0].mlp.down_proj) is HalfLinear
     LLM.load(tiny_chat_model_dir)
     setup_fabric(tmp_path, "bf16-true", "csv")
     assert capsys.readouterr().err.splitlines() == [
@@ -181,6 +181,6 @@ def test_half_precision_training_on_a_cpu_without_fast_kernels_is_warned_about(t
         "32-true is faster here"]
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
     llm = LLM.load(tiny_chat_model_dir, dtype="bf16")
-    assert type(llm.model.layers[0].mlp.up_proj) is nn.Linear
+    assert type(llm.model.layers[0].mlp.down_proj) is nn.Linear
     setup_fabric(tmp_path, "bf16-mixed", "csv")
     assert "warning" not in capsys.readouterr().err

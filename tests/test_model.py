@@ -60,6 +60,30 @@ def test_kv_cache_decoding_equals_full_forward(family):
 
 
 @torch.no_grad()
+def test_fused_projections_equal_transformers_in_a_full_pass_and_decoding(family):
+    """fuse_projections (inference: one product for q/k/v, one for gate/up) against transformers, in a full pass and
+    token by token through the KV cache; layers with LoRA adapters stay separate."""
+    from litllm.lora import LoRAConfig, apply_lora
+    from litllm.model import fuse_projections
+
+    _, out_dir, reference = family
+    model = load_model(out_dir)
+    fuse_projections(model)
+    assert not hasattr(model.layers[0].attn, "q_proj") and not hasattr(model.layers[0].mlp, "up_proj")
+    x = input_ids(batch=1, length=24)
+    expected = reference(x).logits
+    torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+    model.setup_kv_cache(batch_size=1, max_seq_len=32)
+    steps = [model(x[:, :10], torch.arange(10))] + [model(x[:, t:t + 1], torch.tensor([t])) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+
+    adapted = load_model(out_dir)
+    apply_lora(adapted, LoRAConfig(targets=["k_proj"]))
+    fuse_projections(adapted)
+    assert adapted.layers[0].attn.qkv_proj is None and adapted.layers[0].mlp.gate_up_proj is not None
+
+
+@torch.no_grad()
 def test_branched_row_equals_each_sequence_alone(family):
     """One row holding a 20-token trunk and two branches (forking after 8 and 15 tokens, 12 and 6 tokens long), each
     token attending to the tokens of its own sequence only, as `attention_mask` says: every sequence's logits are
