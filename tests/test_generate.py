@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from litllm import LLM
 from litllm.checkpoint import load_model
-from litllm.decode import (HalfLinear, RowBlockLinear, generate_tokens, inference_linears, sample_continuations)
+from litllm.decode import (HalfLinear, PackedLinear, RowBlockLinear, generate_tokens, inference_linears,
+                           sample_continuations)
 from litllm.lora import LoRAConfig, apply_lora
 from litllm.tokenizer import Tokenizer
 
@@ -128,7 +129,7 @@ def test_half_linears_multiply_many_rows_in_float32_on_a_cpu_without_fast_half_p
     model = nn.ModuleDict({"fp16": nn.Linear(64, 96).half(), "bf16": nn.Linear(64, 96, bias=False).bfloat16(),
                            "fp32": nn.Linear(64, 96)})
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
-    assert [type(layer) for layer in inference_linears(model)] == [RowBlockLinear]
+    assert [type(layer) for layer in inference_linears(model, pack=False)] == [RowBlockLinear]
     model.fp32.__class__ = nn.Linear
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 60.0)  # as on a 2-core AVX2 EPYC
     assert [type(layer) for layer in inference_linears(model)] == [HalfLinear, HalfLinear, RowBlockLinear]
@@ -147,6 +148,47 @@ def test_half_linears_multiply_many_rows_in_float32_on_a_cpu_without_fast_half_p
                 bias = None if layer.bias is None else layer.bias.float()
                 assert torch.equal(y, linear(x.float(), layer.weight.float(), bias).to(dtype))
             torch.testing.assert_close(y, linear(x, layer.weight, layer.bias))  # the half product, to its rounding
+
+
+PACKS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # where bfloat16 products are fast, prepacked weights
+
+
+@pytest.mark.skipif(not PACKS_BF16, reason="this CPU has no oneDNN bfloat16 products")
+def test_prepacked_bfloat16_layers_equal_the_plain_product(tiny_chat_model_dir, monkeypatch):
+    """On a CPU with fast bfloat16 products, inference keeps bfloat16 weights in oneDNN's layout: the same kernel as
+    F.linear's, so logits and tokens are the plain model's to the bit, compiled too; a tied weight stays the
+    embeddings' too, and LoRA layers, a model that trains (pack=False), keep their plain weights."""
+    import litllm.checkpoint
+
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 0.4)  # bfloat16 as fast as here
+    generator = torch.Generator().manual_seed(0)
+    layers = nn.ModuleDict({"embed": nn.Embedding(33, 64), "proj": nn.Linear(64, 96), "head": nn.Linear(64, 33, False)})
+    for param in layers.parameters():
+        nn.init.normal_(param, generator=generator)
+    layers.head.weight = layers.embed.weight
+    layers.bfloat16()
+    inputs = [torch.randn(shape, generator=generator).bfloat16() for shape in [(1, 1, 64), (2, 5, 64), (300, 64)]]
+    expected = {name: [layers[name](x) for x in inputs] for name in ("proj", "head")}
+    assert [type(layer) for layer in inference_linears(layers)] == [PackedLinear, PackedLinear]
+    assert layers.proj.weight.is_mkldnn and layers.head.weight is layers.embed.weight  # one copy; tied stays tied
+    for name, outputs in expected.items():
+        for x, output in zip(inputs, outputs):
+            assert torch.equal(layers[name](x), output)
+    with torch.inference_mode():  # --compile true decodes through the same product, an op of its own there
+        assert torch.equal(torch.compile(layers.proj)(inputs[1]), expected["proj"][1])
+
+    plain = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
+    packed = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
+    inference_linears(packed)
+    assert type(packed.layers[0].attn.q_proj) is PackedLinear
+    prompt = Tokenizer(tiny_chat_model_dir).encode_chat(CHATS[0])
+    assert torch.equal(packed(torch.tensor([prompt])), plain(torch.tensor([prompt])))
+    assert list(generate_tokens(packed, prompt, 8)) == list(generate_tokens(plain, prompt, 8))
+
+    lora = apply_lora(load_model(tiny_chat_model_dir, dtype=torch.bfloat16), LoRAConfig(r=4))
+    assert inference_linears(lora) == [lora.lm_head] and inference_linears(plain, pack=False) == []
+    assert {type(module) for name, module in lora.named_modules()
+            if isinstance(module, nn.Linear) and name != "lm_head"} == {nn.Linear}
 
 
 def test_greedy_float16_generation_equals_transformers(smollm2_dir):
@@ -181,6 +223,6 @@ def test_half_precision_training_on_a_cpu_without_fast_kernels_is_warned_about(t
         "32-true is faster here"]
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
     llm = LLM.load(tiny_chat_model_dir, dtype="bf16")
-    assert type(llm.model.layers[0].mlp.down_proj) is nn.Linear
+    assert type(llm.model.layers[0].mlp.down_proj) is (PackedLinear if PACKS_BF16 else nn.Linear)
     setup_fabric(tmp_path, "bf16-mixed", "csv")
     assert "warning" not in capsys.readouterr().err
