@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from litllm import checkpoint
 from litllm.errors import UserError
-from litllm.model import GPT
+from litllm.model import GPT, plain_linear
 
 
 def column_major_weights(model: GPT) -> None:
@@ -128,7 +128,7 @@ def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.n
                      for param in module.parameters(recurse=False)}
     layers = []
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+        if plain_linear(module) and module.weight.device.type == "cpu" and module.weight.is_contiguous():
             kind = _inference_kind(module.weight.dtype)
             if kind is None or kind is PackedLinear and (not pack or id(module) in held):
                 continue
@@ -153,14 +153,15 @@ def _inference_kind(dtype: torch.dtype) -> type[torch.nn.Linear] | None:
 @contextmanager
 def row_blocks(model: torch.nn.Module) -> Iterator[None]:
     """inference_linears for a while, for sampling from a model that trains in between (GRPO's rollouts): afterwards
-    its layers are plain nn.Linear again, as training's products (many rows) and torch.compile expect. Nothing
+    its layers are of their own classes again, as training's products (many rows) and torch.compile expect. Nothing
     changes under autocast."""
+    classes = {id(module): type(module) for module in model.modules()}
     layers = [] if torch.is_autocast_enabled("cpu") else inference_linears(model, pack=False)
     try:
         yield
     finally:
         for layer in layers:
-            layer.__class__ = torch.nn.Linear
+            layer.__class__ = classes[id(layer)]
 
 
 GREEDY_BELOW = 1e-5  # vLLM's cut too: below it, greedy is what sampling would give

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from litllm.checkpoint import hf_to_litllm, litllm_to_hf
 from litllm.errors import UserError
+from litllm.model import Linear
 from litllm.quantize import dequantize_weight
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -296,11 +297,11 @@ def adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Itera
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace each LoRALinear with a plain nn.Linear holding the merged weight (a quantized base is
+    """Replace each LoRALinear with a plain linear layer (model.Linear) holding the merged weight (a quantized base is
     de-quantized first): the same logits, at the base model's cost."""
     for name, layer in list(lora_layers(model)):
         weight = dequantize_weight(layer.base)
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None,
+        merged = Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         merged.weight.copy_(layer.merged_weight())
         if layer.base.bias is not None:

@@ -7,6 +7,7 @@ scaling, sliding-window attention, q/k/v bias, per-head q/k RMSNorm, tied embedd
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,7 +25,7 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # one matrix maps tokens to vectors and back: fewer parameters, as the checkpoint was trained
             self.lm_head.weight = self.embed_tokens.weight
@@ -150,7 +151,7 @@ class RewardGPT(GPT):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         del self.lm_head  # never used: a reward model predicts no tokens
-        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        self.score = Linear(config.hidden_size, 1, bias=False)
         self._init_weights(self.score)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -174,13 +175,13 @@ def fuse_projections(model: GPT) -> None:
     (two) did, in fewer and larger calls: SmolLM2's greedy decoding on a 2-core CPU 7% faster in float32, 4% in
     bfloat16, the same in float16 (benchmarks/RESULTS.md), with the same logits. The separate layers are gone
     afterwards (their weights are parts of the fused ones), so only for a model that is not trained or saved again;
-    layers that are not plain nn.Linear (LoRA adapters, quantized weights) stay as they are."""
+    layers that are not plain linear layers (LoRA adapters, quantized weights) stay as they are."""
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
-        if attn.qkv_proj is None and all(type(layer) is nn.Linear for layer in (attn.q_proj, attn.k_proj, attn.v_proj)):
+        if attn.qkv_proj is None and all(map(plain_linear, (attn.q_proj, attn.k_proj, attn.v_proj))):
             attn.qkv_proj = _concatenated(attn.q_proj, attn.k_proj, attn.v_proj)
             del attn.q_proj, attn.k_proj, attn.v_proj
-        if mlp.gate_up_proj is None and type(mlp.gate_proj) is nn.Linear and type(mlp.up_proj) is nn.Linear:
+        if mlp.gate_up_proj is None and plain_linear(mlp.gate_proj) and plain_linear(mlp.up_proj):
             mlp.gate_up_proj = _concatenated(mlp.gate_proj, mlp.up_proj)
             del mlp.gate_proj, mlp.up_proj
 
@@ -188,12 +189,79 @@ def fuse_projections(model: GPT) -> None:
 def _concatenated(*layers: nn.Linear) -> nn.Linear:
     """One linear layer whose outputs are those of `layers` (same input), end to end."""
     first = layers[0]
-    fused = nn.Linear(first.in_features, sum(layer.out_features for layer in layers), bias=first.bias is not None,
-                      device="meta")
+    fused = Linear(first.in_features, sum(layer.out_features for layer in layers), bias=first.bias is not None,
+                   device="meta")
     fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
     if first.bias is not None:
         fused.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
     return fused
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose large float32 products run on oneDNN where that is the faster kernel (see `linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is a float linear layer as the model builds it (Linear, or torch's own nn.Linear): not a LoRA,
+    quantized or inference-only layer."""
+    return type(module) in (Linear, nn.Linear)
+
+
+ONEDNN_MIN_PRODUCT = 1 << 24  # multiply-adds from which oneDNN's float32 product beats MKL's (its start-up is ~20 us)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), with gradients; through OneDNNLinear for a float32 product of at least
+    ONEDNN_MIN_PRODUCT multiply-adds on a CPU where oneDNN's float32 products are the faster (onednn_float32), outside
+    autocast and torch.compile (which pick their own kernels)."""
+    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() * weight.size(0) >= ONEDNN_MIN_PRODUCT and type(weight) in (torch.Tensor, nn.Parameter)
+            and onednn_float32() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def onednn_float32() -> bool:
+    """Whether this CPU runs float32 products faster on oneDNN than on PyTorch's default CPU kernel (MKL's): AMD CPUs
+    with AVX-512, where MKL runs its AVX2 code and oneDNN AVX-512. On a 2-core AMD EPYC (Zen 4), SmolLM2's products at
+    a training step's shapes are 1.05-1.4x faster (forward and the input's gradient), a LoRA step ~15% and a full
+    fine-tuning step ~12% (benchmarks/RESULTS.md). Intel CPUs, where MKL uses AVX-512 itself, keep MKL."""
+    if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
+    except OSError:  # not Linux
+        return False
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) through oneDNN: the product, and in backward the input's gradient; the weight's
+    gradient (when it trains) is PyTorch's product, as fast there. The values are F.linear's but for the kernels'
+    rounding (sums in another order; tests/test_model.py holds both to float64's within float32's error bound)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # grad @ weight, as a linear layer whose weight is weight.T
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.T, None, "none", [], "")
+        rows = grad.reshape(-1, grad.size(-1))
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.T @ x.reshape(-1, x.size(-1))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
 
 
 def build_mask(size: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
@@ -225,10 +293,10 @@ class Attention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.n_heads * config.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.q_proj = Linear(config.hidden_size, config.n_heads * config.head_dim, bias=config.attention_bias)
+        self.k_proj = Linear(config.hidden_size, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.v_proj = Linear(config.hidden_size, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.o_proj = Linear(config.n_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
         if config.qk_norm:
             # Qwen3 normalizes each head's queries and keys, which keeps attention logits bounded
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -297,9 +365,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_proj: nn.Linear | None = None  # gate_proj and up_proj as one layer, for inference (fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from litllm.errors import UserError
+from litllm.model import plain_linear
 
 QuantizeMode = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
 QUANTIZE_MODES = get_args(QuantizeMode)
@@ -39,7 +40,7 @@ def quantize_model(
     bnb = _import_bitsandbytes(mode)
     skip = tuple(skip)
     # names first, modules fetched one by one: holding a list of the float layers would keep them all alive
-    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and not name.endswith(skip)]
+    names = [name for name, module in model.named_modules() if plain_linear(module) and not name.endswith(skip)]
     if mode != "bnb.int8":
         _check_cpu_4bit_rows(model, names, mode, device)
     for name in names:
@@ -95,7 +96,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
 
     4-bit layers give the dtype they were quantized from, int8 layers float32, `nn.Linear` its weight.
     """
-    if type(module) is nn.Linear:
+    if plain_linear(module):
         return module.weight
     bnb = _import_bitsandbytes(type(module).__name__)
     if isinstance(module, bnb.nn.Linear4bit):

@@ -12,6 +12,7 @@ from litllm.lora import (
     LINEAR_LAYERS, LoRAConfig, LoRALinear, LowRank, apply_lora, count_parameters, disable_adapters,
     dropout_mask, kept_fraction, load_adapter, lora_state_dict, merge_lora, plain_low_rank, save_adapter,
 )
+from litllm.model import plain_linear
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -198,7 +199,7 @@ def test_lora_merge_equals_unmerged_forward(tmp_path, family, dora):
         merged_model = merge_lora(model)
         merged = merged_model(x)
     assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
-    assert type(merged_model.layers[0].attn.q_proj) is nn.Linear
+    assert plain_linear(merged_model.layers[0].attn.q_proj)
     assert merged_model.layers[0].attn.q_proj.bias is None and merged_model.lm_head.weight.dtype == torch.float32
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
     if family == "tied":  # the merged lm_head differs from the embedding: saved as its own tensor from now on
@@ -218,7 +219,7 @@ def test_qlora_merge_into_dequantized_weight_equals_unmerged(llama):
     with torch.no_grad():
         unmerged = model(x)
         merged = merge_lora(model)(x)
-    assert type(model.layers[0].attn.q_proj) is nn.Linear and type(model.layers[0].mlp.gate_proj) is nn.Linear
+    assert plain_linear(model.layers[0].attn.q_proj) and plain_linear(model.layers[0].mlp.gate_proj)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
 
 

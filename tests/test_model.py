@@ -183,3 +183,47 @@ def test_rope_equals_transformers_bit_for_bit_with_gradients(dtype):
     grads = [torch.autograd.grad(out, (q, k), (grad_q, grad_k)) for out in (ours, theirs)]
     for a, b in zip((*ours, *grads[0]), (*theirs, *grads[1])):
         assert torch.equal(a, b)
+
+
+
+def float32_error_bound(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """The worst-case error of a float32 a @ b (+ add), elementwise, whatever the order of the sums: gamma_n (|a| @ |b|
+    + |add|) for n = K + 2 roundings (the K terms, the addend, the output's own), gamma_n = n u / (1 - n u), u = 2^-24."""
+    n, u = a.size(-1) + 2, 2.0 ** -24
+    bound = a.double().abs() @ b.double().abs()
+    return n * u / (1 - n * u) * (bound if add is None else bound + add.double().abs())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("trains", [True, False], ids=["trained", "frozen"])
+def test_onednn_linear_is_the_exact_product_within_float32_rounding(bias, trains):
+    """OneDNNLinear, and PyTorch's F.linear beside it, against float64 F.linear of the same values: the output and
+    each gradient within the worst-case rounding of a float32 sum in any order. The two float32 kernels sum in other
+    orders, so they do not agree to the bit; a wrong operand, or a dropped bias or gradient, misses the bound by
+    orders of magnitude."""
+    from litllm.model import Linear, OneDNNLinear, onednn_float32
+
+    torch.manual_seed(0)
+    layer = Linear(576, 1536, bias=bias).requires_grad_(trains)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    x, grad = torch.randn(3, 100, 576), torch.randn(3, 100, 1536)
+    x64, params64 = x.double().requires_grad_(), [p.detach().double().requires_grad_(trains) for p in params]
+    exact = torch.nn.functional.linear(x64, *params64)
+    exact = [exact, *torch.autograd.grad(exact, [x64, *params64[:2 * trains]], grad.double())]
+    rows_x, rows_grad = x.view(-1, 576), grad.view(-1, 1536)
+    bounds = [float32_error_bound(x, layer.weight.T, layer.bias), float32_error_bound(grad, layer.weight),
+              float32_error_bound(rows_grad.T, rows_x), float32_error_bound(rows_grad.T, torch.ones(300, 1))[:, 0]]
+    for product in (OneDNNLinear.apply, torch.nn.functional.linear):
+        x32 = x.clone().requires_grad_()
+        out = product(x32, layer.weight, layer.bias)
+        ours = [out, *torch.autograd.grad(out, [x32, *params[:2 * trains]], grad)]
+        assert len(ours) == len(exact) == 2 + trains * len(params)
+        for value, exact_value, bound in zip(ours, exact, bounds, strict=False):
+            assert value.dtype == torch.float32 and value.shape == exact_value.shape
+            assert ((value.double() - exact_value).abs() <= bound).all()
+
+    def kernel(rows: int) -> bool:  # whether Linear multiplies `rows` rows by oneDNN
+        return type(layer(torch.randn(rows, 576, requires_grad=True)).grad_fn).__name__ == "OneDNNLinearBackward"
+
+    assert kernel(300) == onednn_float32() and not kernel(1)  # 1 row: too small a product to gain

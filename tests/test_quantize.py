@@ -11,7 +11,7 @@ import torch.nn as nn
 import litllm.quantize
 from litllm.config import Config
 from litllm.errors import UserError
-from litllm.model import GPT
+from litllm.model import GPT, plain_linear
 from litllm.quantize import QUANTIZE_MODES, dequantize_weight, quantize_model
 
 # every in_features a multiple of 64, bitsandbytes' 4-bit block (see test_cpu_4bit_rows_...)
@@ -47,7 +47,7 @@ def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
 @pytest.mark.parametrize("mode", QUANTIZE_MODES)
 def test_every_linear_but_lm_head_becomes_a_frozen_bnb_layer(float_model, mode):
     model = quantized(float_model, mode)
-    targets = {name for name, m in float_model.named_modules() if type(m) is nn.Linear and name != "lm_head"}
+    targets = {name for name, m in float_model.named_modules() if plain_linear(m) and name != "lm_head"}
     assert set(bnb_layers(model)) == targets and len(targets) == 7 * TINY.n_layers
     for name, layer in bnb_layers(model).items():
         assert isinstance(layer, QUANTIZED_LAYER.get(mode, bnb.nn.Linear4bit))
@@ -55,7 +55,7 @@ def test_every_linear_but_lm_head_becomes_a_frozen_bnb_layer(float_model, mode):
         assert (layer.in_features, layer.out_features) == (original.in_features, original.out_features)
         if original.bias is not None:
             assert torch.equal(layer.bias, original.bias)
-    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, float_model.lm_head.weight)
+    assert plain_linear(model.lm_head) and torch.equal(model.lm_head.weight, float_model.lm_head.weight)
     assert not any(p.requires_grad for layer in bnb_layers(model).values() for p in layer.parameters())
 
 
@@ -155,7 +155,7 @@ def test_each_float_weight_is_freed_before_the_next_layer_is_quantized(float_mod
 
 def test_skip_keeps_the_named_layers_in_float(float_model):
     model = quantize_model(copy.deepcopy(float_model), "bnb.nf4", skip=("lm_head", "down_proj"))
-    assert type(model.layers[0].mlp.down_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+    assert plain_linear(model.layers[0].mlp.down_proj) and plain_linear(model.lm_head)
     assert isinstance(model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     assert dequantize_weight(model.lm_head) is model.lm_head.weight
 
@@ -166,7 +166,7 @@ def test_cpu_4bit_rows_not_a_multiple_of_64_are_a_user_error_not_wrong_weights(m
     model = GPT(Config(vocab_size=128, hidden_size=64, intermediate_size=96, n_layers=1, n_heads=4, n_kv_heads=2))
     with pytest.raises(UserError, match=r"layers\.0\.mlp\.down_proj has 96"):
         quantize_model(model, mode)
-    assert type(model.layers[0].attn.q_proj) is nn.Linear  # checked before anything was replaced
+    assert plain_linear(model.layers[0].attn.q_proj)  # checked before anything was replaced
     quantize_model(model, "bnb.int8")  # row-wise int8 has no blocks: any size works
 
 

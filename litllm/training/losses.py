@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from litllm.data import IGNORE_INDEX
+from litllm.model import linear
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -172,13 +173,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         # (chunk, vocab) float32 in one fused pass over the product, as F.cross_entropy computes it; logsumexp and a
         # subtraction would each allocate and fill another chunk-sized tensor
-        logprobs = torch.log_softmax(h @ weight.T, dim=-1, dtype=torch.float32)
+        logprobs = torch.log_softmax(linear(h, weight), dim=-1, dtype=torch.float32)
         total -= logprobs.gather(1, t.unsqueeze(1)).sum()
         if grad_hidden is not None:
             grad_logits = logprobs.exp_()  # softmax, in place
             grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
             grad_logits = grad_logits.to(h.dtype)
-            grad_hidden[start:start + chunk_size] = grad_logits @ weight
+            grad_hidden[start:start + chunk_size] = linear(grad_logits, weight.T)  # grad_logits @ weight
             if grad_weight is None:
                 continue
             if h.dtype == torch.float32:
@@ -234,7 +235,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         chunk = slice(start, start + chunk_size)
-        logits = (h @ weight.T).float()  # (chunk, vocab)
+        logits = linear(h, weight).float()  # (chunk, vocab)
         if temperature != 1.0:
             logits.div_(temperature)  # the same bits as token_logprobs_and_entropy's division
         chunk_logprobs = logits.log_softmax(dim=-1)
@@ -246,7 +247,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if products is not None:
             probs = chunk_logprobs.exp_() if probs is None else probs  # softmax (in place if not kept for entropy)
             probs[torch.arange(t.numel(), device=t.device), t] -= 1
-            products[chunk] = probs.to(h.dtype) @ weight
+            products[chunk] = linear(probs.to(h.dtype), weight.T)  # probs @ weight
     return logprobs, entropies, products
 
 
