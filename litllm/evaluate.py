@@ -236,13 +236,13 @@ class LitLLM(TemplateLM):
                 yield index, (float(logprobs.sum()), bool(greedy.all()))
 
     def _token_logprobs(self, hidden: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
-        """For hidden states (N, hidden_size) and N target ids, a (2, N) float32 tensor: log p of each target, and
-        1 where it is the argmax. Log-softmax in float32 over the full vocabulary, as HFLM; 256 positions at a
-        time, so that no pass holds all its logits at once (49k-word logits of 1024 positions: 200 MB, and as much
-        again for their log-softmax)."""
+        """For hidden states (N, hidden_size) and N target ids, a (2, N) float32 tensor (float64 for a float64 model):
+        log p of each target, and 1 where it is the argmax. Log-softmax in float32 over the full vocabulary, as HFLM;
+        256 positions at a time, so that no pass holds all its logits at once (49k-word logits of 1024 positions:
+        200 MB, and as much again for their log-softmax)."""
         logprobs, greedy = token_logprobs(self.model.lm_head, hidden, torch.tensor(targets, device=hidden.device),
                                           chunk_size=256)
-        return torch.stack([logprobs, greedy.float()]).cpu()
+        return torch.stack([logprobs, greedy.to(logprobs.dtype)]).cpu()
 
     # ------------------------------------------------------------------------------------------ generation
 

@@ -188,7 +188,8 @@ def test_rope_equals_transformers_bit_for_bit_with_gradients(dtype):
 
 def float32_error_bound(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """The worst-case error of a float32 a @ b (+ add), elementwise, whatever the order of the sums: gamma_n (|a| @ |b|
-    + |add|) for n = K + 2 roundings (the K terms, the addend, the output's own), gamma_n = n u / (1 - n u), u = 2^-24."""
+    + |add|) for n = K + 2 roundings (the K terms, the addend, the output's own); gamma_n = n u / (1 - n u),
+    u = 2^-24."""
     n, u = a.size(-1) + 2, 2.0 ** -24
     bound = a.double().abs() @ b.double().abs()
     return n * u / (1 - n * u) * (bound if add is None else bound + add.double().abs())

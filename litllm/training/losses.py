@@ -109,7 +109,8 @@ def _by_chunks(function, lm_head: nn.Module, hidden: torch.Tensor, targets: torc
 
 def _chunk_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = lm_head(hidden).float()  # (chunk, vocab)
+    logits = lm_head(hidden)  # (chunk, vocab), in float32 (float64 stays: evaluate's tests compare float64 runs)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logprobs = logits.log_softmax(dim=-1)  # as the references compute it (HF, lm-eval): equal to the last bit
     return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1), logits.argmax(dim=-1) == targets
 
