@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from litllm import checkpoint
 from litllm.errors import UserError
-from litllm.model import GPT, linear, plain_linear
+from litllm.model import GPT, linear, onednn_product, plain_linear
 
 
 def column_major_weights(model: GPT) -> None:
@@ -85,21 +85,16 @@ class PackedLinear(torch.nn.Linear):
         # eager calls the product itself: the op's dispatch costs ~5 us a call
         if torch.compiler.is_compiling():
             return torch.ops.litllm.packed_linear(x, self.packed_weight, self.bias)
-        return _packed_product(x, self.packed_weight, self.bias)
+        return onednn_product(x, self.packed_weight, self.bias)
 
 
-def _packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for a weight packed by pack_weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-# _packed_product as an op of its own, so that torch.compile calls it as is: inductor lowers oneDNN's linear only for
+# onednn_product as an op of its own, so that torch.compile calls it as is: inductor lowers oneDNN's linear only for
 # weights it packed itself, as constants (freezing), and fails on one that comes in as an input. Defined with
 # torch.library.Library rather than torch.library.custom_op: no autograd wrapper to pass through, 35 against 42-46 us
 # a call from a compiled graph (a decode step makes 121)
 _LIBRARY = torch.library.Library("litllm", "FRAGMENT")
 _LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("packed_linear", _packed_product, "CompositeExplicitAutograd")  # a packed weight is a MkldnnCPU tensor
+_LIBRARY.impl("packed_linear", onednn_product, "CompositeExplicitAutograd")  # a packed weight is a MkldnnCPU tensor
 
 
 @torch.library.register_fake("litllm::packed_linear")

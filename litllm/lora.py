@@ -302,7 +302,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         weight = dequantize_weight(layer.base)
         merged = Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+                        device=weight.device, dtype=weight.dtype)
         merged.weight.copy_(layer.merged_weight())
         if layer.base.bias is not None:
             merged.bias.copy_(layer.base.bias)

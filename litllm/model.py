@@ -228,7 +228,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def onednn_float32() -> bool:
     """Whether this CPU runs float32 products faster on oneDNN than on PyTorch's default CPU kernel (MKL's): AMD CPUs
     with AVX-512, where MKL runs its AVX2 code and oneDNN AVX-512. On a 2-core AMD EPYC (Zen 4), SmolLM2's products at
-    a training step's shapes are 1.05-1.4x faster (forward and the input's gradient), a LoRA step ~15% and a full
+    a training step's shapes are 1.05-1.4x faster (forward and the input's gradient), a LoRA step 6-15% and a full
     fine-tuning step ~12% (benchmarks/RESULTS.md). Intel CPUs, where MKL uses AVX-512 itself, keep MKL."""
     if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
@@ -237,6 +237,12 @@ def onednn_float32() -> bool:
             return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
     except OSError:  # not Linux
         return False
+
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias by oneDNN's linear, for a plain weight (reordered for the call) or one prepacked by
+    torch.ops.mkldnn._reorder_linear_weight (decode.PackedLinear)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -248,14 +254,14 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad @ weight, as a linear layer whose weight is weight.T
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.T, None, "none", [], "")
+            grad_x = onednn_product(grad, weight.T)
         rows = grad.reshape(-1, grad.size(-1))
         if ctx.needs_input_grad[1]:
             grad_weight = rows.T @ x.reshape(-1, x.size(-1))
