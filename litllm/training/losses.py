@@ -170,16 +170,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if hidden_grad or weight_grad else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
+    buffers = ChunkBuffers(hidden.device)
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         # (chunk, vocab) float32 in one fused pass over the product, as F.cross_entropy computes it; logsumexp and a
         # subtraction would each allocate and fill another chunk-sized tensor
-        logprobs = torch.log_softmax(linear(h, weight), dim=-1, dtype=torch.float32)
+        logprobs = buffers.log_softmax(linear(h, weight))
         total -= logprobs.gather(1, t.unsqueeze(1)).sum()
         if grad_hidden is not None:
             grad_logits = logprobs.exp_()  # softmax, in place
             grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad_logits = grad_logits.to(h.dtype)
+            grad_logits = buffers.cast(grad_logits, h.dtype)
             grad_hidden[start:start + chunk_size] = linear(grad_logits, weight.T)  # grad_logits @ weight
             if grad_weight is None:
                 continue
@@ -188,6 +189,36 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             else:
                 grad_weight += grad_logits.T @ h  # summed in float32 without a float32 copy of the product
     return total, grad_hidden, grad_weight
+
+
+class ChunkBuffers:
+    """The chunk loops' (chunk, vocab) tensors, kept from one chunk to the next rather than allocated for each. On Linux
+    a new tensor of 50 MB (256 x 49152 float32) is a new memory mapping (glibc maps each allocation above 32 MB anew),
+    whose first writes take a page fault per 4 KiB: ~12 thousand, 4-9 ms on a 2-core AMD EPYC, for each such tensor of
+    each chunk (benchmarks/RESULTS.md). The values are those of `logits.float().log_softmax(-1)` and `.to(dtype)`, bit
+    for bit: the same kernels, writing into kept tensors."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kept: dict[tuple, torch.Tensor] = {}
+
+    def log_softmax(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log_softmax(logits / temperature) over the last dimension, float32; float32 logits are divided in place."""
+        if logits.dtype != torch.float32:
+            logits = self._tensor("logits", logits.shape).copy_(logits)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        return torch.ops.aten._log_softmax.out(logits, -1, False, out=self._tensor("logprobs", logits.shape))
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x if x.dtype == dtype else self._tensor("cast", x.shape, dtype).copy_(x)
+
+    def _tensor(self, name: str, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialized tensor: the first chunk's (the largest), or a view of its first rows."""
+        kept = self.kept.get((name, dtype))
+        if kept is None or kept.shape[1:] != shape[1:] or kept.size(0) < shape[0]:
+            kept = self.kept[name, dtype] = torch.empty(shape, dtype=dtype, device=self.device)
+        return kept[:shape[0]]
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -233,13 +264,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logprobs = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
     entropies = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device) if entropy else None
     products = torch.empty_like(hidden) if softmax_grad else None
+    buffers = ChunkBuffers(hidden.device)
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         chunk = slice(start, start + chunk_size)
-        logits = linear(h, weight).float()  # (chunk, vocab)
-        if temperature != 1.0:
-            logits.div_(temperature)  # the same bits as token_logprobs_and_entropy's division
-        chunk_logprobs = logits.log_softmax(dim=-1)
+        # (chunk, vocab); the division the same bits as token_logprobs_and_entropy's
+        chunk_logprobs = buffers.log_softmax(linear(h, weight), temperature)
         logprobs[chunk] = chunk_logprobs.gather(1, t.unsqueeze(1)).squeeze(1)
         probs = None
         if entropies is not None:
@@ -248,7 +278,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if products is not None:
             probs = chunk_logprobs.exp_() if probs is None else probs  # softmax (in place if not kept for entropy)
             probs[torch.arange(t.numel(), device=t.device), t] -= 1
-            products[chunk] = linear(probs.to(h.dtype), weight.T)  # probs @ weight
+            products[chunk] = linear(buffers.cast(probs, h.dtype), weight.T)  # probs @ weight
     return logprobs, entropies, products
 
 
