@@ -87,7 +87,8 @@ class LoRALinear(nn.Module):
         result = self.base(x)
         if not self.enabled:
             return result
-        x = x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is not None or not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # (under autocast the products cast x themselves: no round trip)
         if self.lora_magnitude_vector is not None:
             return (result + self._dora_extra(x, result)).to(result.dtype)
         if self.training:  # backward's products in the order that is fast for rank r (see LowRank)

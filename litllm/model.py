@@ -334,7 +334,9 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None,
             enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, n_heads, T, head_dim)
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast o_proj takes it as it is
+            y = y.to(x.dtype)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
 

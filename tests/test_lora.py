@@ -178,6 +178,32 @@ def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_inpu
     assert [t.dtype for t in fused_saved if t.data_ptr() != x.data_ptr()] == [torch.uint8] * (p > 0)
 
 
+def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
+    """Under bf16 autocast attention's output and SwiGLU's are bfloat16: o_proj and down_proj take them so, and their
+    adapters keep no float32 copy for backward, with the outputs and gradients of the float32 round trip (autocast
+    casts back to bfloat16 before each product), bit for bit."""
+    model = apply_lora(load_model(llama[0]), LoRAConfig(r=4, targets=ALL_LINEAR, dropout=0.0)).train()
+    randomize_lora(model)
+    block, seen = model.layers[0], {}
+    for name, layer in (("o_proj", block.attn.o_proj), ("down_proj", block.mlp.down_proj)):
+        layer.register_forward_pre_hook(lambda module, args, name=name: seen.update({name: args[0].dtype}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids())
+    assert seen == {"o_proj": torch.bfloat16, "down_proj": torch.bfloat16}
+
+    layer = block.mlp.down_proj
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 5, layer.out_features, dtype=torch.bfloat16)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, saved = saved_for_backward(layer, x)
+        expected = (layer.base(x) + plain_low_rank(x.float(), A, B, layer.scaling, 0.0)).to(torch.bfloat16)
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape]
+    assert torch.equal(ours, expected)
+    for a, b in zip(torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)):
+        assert torch.equal(a, b)
+
+
 def test_only_lora_parameters_train(llama):
     config = LoRAConfig(r=2, targets=["q_proj", "lm_head"], dora=True)
     model = apply_lora(load_model(llama[0]), config)
