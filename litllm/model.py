@@ -217,9 +217,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), with gradients; through OneDNNLinear for a float32 product of at least
     ONEDNN_MIN_PRODUCT multiply-adds on a CPU where oneDNN's float32 products are the faster (onednn_float32), outside
     autocast and torch.compile (which pick their own kernels)."""
-    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+    # is_compiling first: Dynamo would trace into onednn_float32 (and warn that it ignores functools.cache)
+    if (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and x.numel() * weight.size(0) >= ONEDNN_MIN_PRODUCT and type(weight) in (torch.Tensor, nn.Parameter)
-            and onednn_float32() and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            and onednn_float32() and not torch.is_autocast_enabled("cpu")):
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
