@@ -194,8 +194,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 class ChunkBuffers:
     """The chunk loops' (chunk, vocab) tensors, kept from one chunk to the next rather than allocated for each. On Linux
     a new tensor of 50 MB (256 x 49152 float32) is a new memory mapping (glibc maps each allocation above 32 MB anew),
-    whose first writes take a page fault per 4 KiB: ~12 thousand, 4-9 ms on a 2-core AMD EPYC, for each such tensor of
-    each chunk (benchmarks/RESULTS.md). The values are those of `logits.float().log_softmax(-1)` and `.to(dtype)`, bit
+    whose first writes take a page fault per 4 KiB: ~12 thousand, ~9 ms on a 2-core Intel Xeon, for each such tensor
+    of each chunk (benchmarks/RESULTS.md). The values are those of `logits.float().log_softmax(-1)` and `.to(dtype)`, bit
     for bit: the same kernels, writing into kept tensors."""
 
     def __init__(self, device: torch.device) -> None:
