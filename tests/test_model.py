@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_models import FAMILIES, save_tiny_hf_model
-from litllm.checkpoint import load_model, save_checkpoint
+from litllm.checkpoint import litllm_to_hf, load_model, save_checkpoint
 from litllm.config import Config
 from litllm.errors import UserError
 
@@ -183,6 +183,40 @@ def test_rope_equals_transformers_bit_for_bit_with_gradients(dtype):
     grads = [torch.autograd.grad(out, (q, k), (grad_q, grad_k)) for out in (ours, theirs)]
     for a, b in zip((*ours, *grads[0]), (*theirs, *grads[1])):
         assert torch.equal(a, b)
+
+
+def test_under_autocast_each_norm_output_is_cast_once_with_transformers_logits_and_as_exact_gradients(tmp_path):
+    """Under bf16 autocast q, k, v (and gate, up) take one bfloat16 tensor, cast once (transformers casts it in each
+    layer): the logits are transformers' bit for bit, and every weight's gradient is as far from the float32 one as
+    transformers', but for one bfloat16 rounding (their gradients for the norm's output add up in float32, ours in
+    bfloat16)."""
+    reference = save_tiny_hf_model("llama", tmp_path)
+    model = load_model(tmp_path)
+    block, seen = model.layers[0], {}
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        layer = getattr(block.attn, name, None) or getattr(block.mlp, name)
+        layer.register_forward_pre_hook(lambda module, args, name=name: seen.update({name: args[0]}))
+    x = input_ids()
+
+    def logits_and_grads(module, autocast, logits):
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = logits(module(x))
+        out.float().square().mean().backward()
+        return out, {name: p.grad for name, p in module.named_parameters()}
+
+    ours, our_grads = logits_and_grads(model, True, lambda out: out)
+    theirs, their_grads = logits_and_grads(reference, True, lambda out: out.logits)
+    _, exact = logits_and_grads(reference, False, lambda out: out.logits)
+    assert {t.dtype for t in seen.values()} == {torch.bfloat16}
+    assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"] and seen["gate_proj"] is seen["up_proj"]
+    assert torch.equal(ours.float(), theirs.float())
+    assert {litllm_to_hf(name) for name in our_grads} == set(their_grads)
+    for name, hf in ((name, litllm_to_hf(name)) for name in our_grads):
+        ours_off = (our_grads[name] - exact[hf]).norm()
+        theirs_off = (their_grads[hf] - exact[hf]).norm()
+        # bfloat16 sums of a few terms: at most one bfloat16 rounding (2^-8 of the gradient) further off
+        assert 0 < theirs_off and ours_off <= theirs_off + 2**-8 * exact[hf].norm(), (name, ours_off, theirs_off)
 
 
 
