@@ -130,8 +130,8 @@ def plain_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
 
 
 def lora_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """F.dropout(x, p) with dropout_mask's masks: x * mask / kept_fraction(p)."""
-    return x * keep_mask(x, p) / kept_fraction(p)
+    """F.dropout(x, p) with dropout_mask's masks: x * mask / kept_fraction(p, x.device)."""
+    return x * keep_mask(x, p) / kept_fraction(p, x.device)
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -141,20 +141,28 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return dropout_mask(torch.empty(x.shape, dtype=torch.bool, device=x.device), p).view(torch.uint8)
 
 
-def kept_fraction(p: float) -> float:
-    """The probability that dropout_mask keeps an element: 1 - p, with p to the nearest multiple of 1/65536."""
+GAPS_MAX_P = 0.1  # up to this dropout probability dropout_mask draws the gaps between dropped elements on CPU
+
+
+def kept_fraction(p: float, device: torch.device) -> float:
+    """The probability that dropout_mask keeps an element on `device`: 1 - p, where p is drawn by thresholds (above
+    GAPS_MAX_P, or off CPU) to the nearest multiple of 1/65536."""
+    if p <= GAPS_MAX_P and torch.device(device).type == "cpu":
+        return 1 - p
     return 1 - round(p * 65536) / 65536
 
 
 @torch.library.custom_op("litllm::dropout_mask", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """A new bool tensor shaped as `like`, True where dropout with probability `p` keeps an element: each independently
-    with probability kept_fraction(p), from the global generator.
+    with probability kept_fraction(p, like.device), from the global generator. The masks follow the same distribution
+    as nn.Dropout's (PEFT's), not the same random stream: the same seed gives other masks than PEFT's. nn.Dropout's
+    bernoulli_ makes one generator call per element (~7 ns on a 2-core CPU), which made dropout 0.05 cost a fifth of a
+    LoRA step (benchmarks/RESULTS.md); here:
 
-    Each 64-bit draw makes four uniform 16-bit numbers, each compared with p's threshold: ~1.6 ns per element on a
-    2-core CPU, against ~7 ns for bernoulli_ (nn.Dropout's draw, one generator call per element), which made dropout
-    0.05 cost a fifth of a LoRA step (benchmarks/RESULTS.md). The masks follow the same distribution as
-    nn.Dropout's (PEFT's), not the same random stream: the same seed gives other masks than PEFT's.
+    - up to GAPS_MAX_P on CPU, the dropped positions (dropped_positions): one draw per dropped element, ~p of them;
+    - otherwise each 64-bit draw makes four uniform 16-bit numbers, each compared with p's threshold: ~1 ns per element
+      on a 2-core CPU.
 
     An op of its own so that torch.compile (torch 2.13) calls it as one opaque kernel returning a new tensor. Traced,
     the draw into an empty tensor was miscompiled in training graphs on CPU: inductor fused the reader (x * mask) into
@@ -163,6 +171,9 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     same arguments, even random ones, and q, k and v would otherwise share one mask. (Drawn in eager's order under
     compile only with inductor's fallback_random, as training.loop.compile_blocks_for_training sets it.)"""
     n = like.numel()
+    if p <= GAPS_MAX_P and like.device.type == "cpu":
+        keep = torch.ones(n, dtype=torch.bool)
+        return keep.index_fill_(0, dropped_positions(n, p), False).view(like.shape)
     bits = torch.empty(-(-n // 4), dtype=torch.int64, device=like.device).random_(-2**63, None)  # 64 random bits each
     return bits.view(torch.int16)[:n].view(like.shape) >= -32768 + round(p * 65536)
 
@@ -170,6 +181,26 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
 @dropout_mask.register_fake
 def _(like: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(like, dtype=torch.bool)
+
+
+def dropped_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
+    """The positions among n that dropout with probability p drops, increasing (int64, on CPU): the elements are
+    dropped independently, so the number kept before the first drop and between two drops is geometric, P(k) =
+    (1 - p)^k p, drawn as floor(log(u) / log(1 - p)) for u uniform in (0, 1] from 53 random bits. For p = 0.05, ~p n
+    draws where the thresholds take n / 4, and float64 arithmetic on them: a mask of 1024 x 576 in ~0.3 ms against
+    ~0.55, of 1024 x 1536 in ~0.6 against ~1.7 (2-core Intel Xeon). `draws` at a time (default: enough for all but
+    about one call in a billion), then more from where they stopped: the same positions from the same seed."""
+    if p == 0:
+        return torch.empty(0, dtype=torch.int64)
+    found, start = [torch.empty(0, dtype=torch.float64)], 0.0  # start: the position after the last one drawn
+    while start < n:
+        count = draws or int(n * p + 6 * math.sqrt(n * p) + 16)
+        runs = torch.empty(count, dtype=torch.int64).random_(0, 2**53).double().add_(1).mul_(2.0**-53)
+        runs = runs.log_().div_(math.log1p(-p)).floor_()  # kept elements before each drop
+        positions = runs.cumsum_(0).add_(torch.arange(start, start + count, dtype=torch.float64))
+        found.append(positions[:int(torch.searchsorted(positions, float(n)))])
+        start = float(positions[-1]) + 1
+    return torch.cat(found).long()
 
 
 class LowRank(torch.autograd.Function):
@@ -194,7 +225,8 @@ class LowRank(torch.autograd.Function):
         mask = keep_mask(x, p) if p > 0 else None
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
-        low_rank = F.linear(x if mask is None else x * mask, lora_A) * (scaling / kept_fraction(p))  # (..., r): kept
+        scale = scaling / kept_fraction(p, x.device)
+        low_rank = F.linear(x if mask is None else x * mask, lora_A) * scale  # (..., r): kept
         ctx.save_for_backward(x, lora_A, lora_B, low_rank, mask)
         ctx.scaling, ctx.p = scaling, p
         return F.linear(low_rank, lora_B)
@@ -209,7 +241,7 @@ class LowRank(torch.autograd.Function):
         low_rank = low_rank.reshape(-1, low_rank.size(-1))  # (N, r)
         grad_B = (low_rank.T @ grad_out).T.contiguous()  # (out, r), in the weight's layout: a copy of out x r
         # d loss / d (the dropped, rescaled input's rank-r image), rescaled: (N, r)
-        grad_low_rank = (grad_out @ lora_B.to(dtype)) * (ctx.scaling / kept_fraction(ctx.p))
+        grad_low_rank = (grad_out @ lora_B.to(dtype)) * (ctx.scaling / kept_fraction(ctx.p, x.device))
         grad_A = grad_low_rank.T @ dropped.to(dtype)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:

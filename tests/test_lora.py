@@ -9,8 +9,8 @@ from hf_models import save_tiny_hf_model
 from litllm.checkpoint import litllm_to_hf, load_model
 from litllm.errors import UserError
 from litllm.lora import (
-    LINEAR_LAYERS, LoRAConfig, LoRALinear, LowRank, apply_lora, count_parameters, disable_adapters,
-    dropout_mask, kept_fraction, load_adapter, lora_state_dict, merge_lora, plain_low_rank, save_adapter,
+    LINEAR_LAYERS, LoRAConfig, LoRALinear, LowRank, apply_lora, count_parameters, disable_adapters, dropout_mask,
+    dropped_positions, kept_fraction, load_adapter, lora_state_dict, merge_lora, plain_low_rank, save_adapter,
 )
 from litllm.model import plain_linear
 
@@ -119,17 +119,17 @@ def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.5], ids=["gaps", "thresholds"])
 def test_dropout_masks_keep_each_element_independently_with_the_given_probability(p):
-    # four 16-bit draws from each 64-bit one: each lane of a draw, and each pair of lanes, is checked; 999,999 elements
-    # (not a multiple of 4) so the last draw is cut
+    # four 16-bit draws from each 64-bit one (thresholds), or the gaps between drops: each lane of four, and each pair
+    # of lanes, is checked; 999,999 elements (not a multiple of 4) so the last draw is cut
     torch.manual_seed(0)
     like = torch.empty(999_999, dtype=torch.bool)
     mask = dropout_mask(like, p)
     assert mask.dtype == torch.bool and mask.shape == like.shape
     lanes = mask[:999_996].view(-1, 4).double()  # (draws, 4)
-    keep, n = kept_fraction(p), lanes.size(0)
-    assert abs(keep - (1 - p)) <= 1 / 131072  # p to the nearest multiple of 1/65536
+    keep, n = kept_fraction(p, like.device), lanes.size(0)
+    assert abs(keep - (1 - p)) <= 1 / 131072  # p to the nearest multiple of 1/65536 (thresholds), or p itself
     for lane in range(4):  # each within 5 standard deviations of its expectation
         assert abs(lanes[:, lane].mean() - keep) < 5 * (keep * (1 - keep) / n) ** 0.5
         for other in range(lane + 1, 4):
@@ -138,6 +138,16 @@ def test_dropout_masks_keep_each_element_independently_with_the_given_probabilit
     assert not torch.equal(dropout_mask(like, p), mask)  # a new draw each call
     torch.manual_seed(0)
     assert torch.equal(dropout_mask(like, p), mask)  # from the global generator: the seed decides
+
+
+def test_dropped_positions_drawn_a_few_at_a_time_are_the_same():
+    """The gaps are drawn in blocks until they pass the end: blocks of 7 draws give the positions one block gives."""
+    torch.manual_seed(3)
+    positions = dropped_positions(10_000, 0.05)
+    torch.manual_seed(3)
+    assert torch.equal(dropped_positions(10_000, 0.05, draws=7), positions)
+    assert positions.dtype == torch.int64 and 0 <= positions[0] and positions[-1] < 10_000
+    assert bool((positions.diff() > 0).all()) and abs(len(positions) - 500) < 5 * (500 * 0.95) ** 0.5
 
 
 def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -152,7 +162,7 @@ def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor
         return function(*args), saved
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3], ids=["no-dropout", "dropout-gaps", "dropout-thresholds"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_input(autocast, p):
     generator = torch.Generator().manual_seed(0)
