@@ -372,6 +372,36 @@ def test_chunked_cross_entropy_equals_full_logits_cross_entropy(weight_trains, a
         torch.testing.assert_close(a, b, **tolerance)
 
 
+def test_the_kept_bfloat16_output_weight_follows_every_change_of_the_weight():
+    """On CPU the chunked loss keeps the output layer's bfloat16 cast from one call to the next (losses.ChunkBuffers):
+    each call's loss is the one from a fresh cast, while the weight is unchanged, after an in-place change, after its
+    data is replaced, for another weight of the same shape, and for a trained weight after a fused AdamW step (which
+    leaves the weight's version as it was)."""
+    from litllm.training.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(10, 16), torch.randint(0, 300, (10,))
+    weight, other = torch.randn(300, 16), torch.randn(300, 16)
+    trained = torch.nn.Parameter(torch.randn(300, 16))
+    optimizer = torch.optim.AdamW([trained], lr=0.1, fused=True)
+
+    def optimizer_step():
+        trained.grad = torch.randn_like(trained)
+        optimizer.step()
+
+    calls = [(weight, None), (weight, None), (weight, lambda: weight.add_(0.5)),
+             (weight, lambda: setattr(weight, "data", other * 2)), (other, None), (other, None), (weight, None),
+             (trained, None), (trained, optimizer_step), (trained, optimizer_step)]
+    for w, change in calls:
+        if change is not None:
+            change()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            loss = linear_cross_entropy(hidden, w, targets, chunk_size=4)[0]
+            logits = torch.nn.functional.linear(hidden.bfloat16(), w.bfloat16()).float()
+        expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        torch.testing.assert_close(loss, expected, atol=0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_chunked_cross_entropy_without_gradients_runs_only_the_logits_product(weight_trains):
     """Validation (torch.no_grad()) gets the training loss but does not compute the gradients training needs."""

@@ -7,6 +7,7 @@ float32 logits of a 50k-150k word vocabulary never exist for the whole batch.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import partial
 
 import torch
@@ -162,15 +163,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The summed loss (float32), and the gradients of it asked for (None otherwise): d/d hidden in hidden's dtype
     (the autocast dtype under autocast), d/d weight in float32."""
+    # mixed precision: the matmuls in the autocast dtype as autocast would run them, but the weight cast once rather
+    # than twice per chunk, and softmax's gradient cast once to it (not float32 into the matmul)
+    buffers = ChunkBuffers.for_device(hidden.device)
     if torch.is_autocast_enabled(hidden.device.type):
-        # mixed precision: the matmuls in the autocast dtype as autocast would run them, but the weight cast
-        # once rather than twice per chunk, and softmax's gradient cast once to it (not float32 into the matmul)
         dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden, weight = hidden.to(dtype), buffers.cast_weight(weight, dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if hidden_grad or weight_grad else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
-    buffers = ChunkBuffers(hidden.device)
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         # (chunk, vocab) float32 in one fused pass over the product, as F.cross_entropy computes it; logsumexp and a
@@ -192,15 +193,46 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class ChunkBuffers:
-    """The chunk loops' (chunk, vocab) tensors, kept from one chunk to the next rather than allocated for each. On Linux
-    a new tensor of 50 MB (256 x 49152 float32) is a new memory mapping (glibc maps each allocation above 32 MB anew),
-    whose first writes take a page fault per 4 KiB: ~12 thousand, ~9 ms on a 2-core Intel Xeon, for each such tensor
-    of each chunk (benchmarks/RESULTS.md). The values are those of `logits.float().log_softmax(-1)` and `.to(dtype)`, bit
-    for bit: the same kernels, writing into kept tensors."""
+    """The chunk loops' (chunk, vocab) tensors and the output layer's weight in the autocast dtype, kept from one chunk
+    to the next and, on CPU, from one call to the next, rather than allocated anew. On Linux a new tensor of 50 MB
+    (256 x 49152 float32) is a new memory mapping (glibc maps each allocation above 32 MB anew), whose first writes take
+    a page fault per 4 KiB: ~12 thousand, ~9 ms on a 2-core Intel Xeon, for each such tensor; SmolLM2's weight cast to
+    bfloat16 anew took ~70 ms a step (benchmarks/RESULTS.md). Elsewhere the device's caching allocator reuses memory
+    already, and kept tensors would hold device memory between calls: there each call has its own. The values are those
+    of `logits.float().log_softmax(-1)` and `.to(dtype)`, bit for bit: the same kernels, writing into kept tensors.
+
+    One chunk loop at a time per process (the training scripts' losses; the server, which runs a thread per request,
+    does not come here): the tensors handed out are overwritten by the next chunk."""
+
+    _kept_on_cpu: ChunkBuffers | None = None
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.kept: dict[tuple, torch.Tensor] = {}
+        self.weight_source: tuple | None = None  # (a weak reference to it, its data pointer, its version)
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> ChunkBuffers:
+        if torch.device(device).type != "cpu":
+            return cls(device)
+        if cls._kept_on_cpu is None:
+            cls._kept_on_cpu = cls(torch.device("cpu"))
+        return cls._kept_on_cpu
+
+    def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """weight.to(dtype), into a kept tensor. A frozen weight (a frozen output layer) is cast once while it is the
+        same tensor with the same data and version (in-place changes, a loaded state dict, change the version); a
+        trained one at each call: PyTorch's fused AdamW changes a weight in place without changing its version."""
+        if weight.dtype == dtype:
+            return weight
+        source = (weakref.ref(weight), weight.data_ptr(), weight._version)
+        cast = self._tensor("weight", weight.shape, dtype)
+        if (weight.requires_grad or self.weight_source is None or self.weight_source[0]() is not weight
+                or self.weight_source[1:] != source[1:]):
+            with torch.no_grad():  # for the chunk loops, which take the weight's gradient themselves
+                cast.copy_(weight)
+            self.weight_source = source
+        return cast
 
     def log_softmax(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log_softmax(logits / temperature) over the last dimension, float32; float32 logits are divided in place."""
@@ -258,13 +290,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     in float32); the entropies (N,) if `entropy` (else None); and if `softmax_grad` (else None) the product
     (softmax(logits / temperature) - onehot(target)) @ weight (N, hidden_size), in hidden's dtype (the autocast dtype
     under autocast), which is -temperature times d log p(target_i) / d hidden_i."""
+    buffers = ChunkBuffers.for_device(hidden.device)
     if torch.is_autocast_enabled(hidden.device.type):  # as linear_cross_entropy: the weight cast once
         dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden, weight = hidden.to(dtype), buffers.cast_weight(weight, dtype)
     logprobs = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
     entropies = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device) if entropy else None
     products = torch.empty_like(hidden) if softmax_grad else None
-    buffers = ChunkBuffers(hidden.device)
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         chunk = slice(start, start + chunk_size)
