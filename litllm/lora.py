@@ -203,12 +203,38 @@ def dropped_positions(n: int, p: float, draws: int | None = None) -> torch.Tenso
     return torch.cat(found).long()
 
 
+def draw_drops(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """What dropout with probability p drops from x, in the form LowRank keeps for backward: None at p = 0; on CPU up
+    to GAPS_MAX_P outside torch.compile, the positions of the dropped elements in x flattened (dropped_positions:
+    ~p of them, 8 bytes each, 0.4 bytes per element of x at p = 0.05 against a mask's one); else keep_mask's mask.
+    Either way dropout_mask's draw: the same elements dropped from the same seed."""
+    if p == 0:
+        return None
+    if p <= GAPS_MAX_P and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return dropped_positions(x.numel(), p)
+    return keep_mask(x, p)
+
+
+def without_drops(x: torch.Tensor, drops: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+    """x with the elements `drops` (draw_drops's) names set to zero: in a copy, or in x itself (contiguous). For
+    positions a copy and one index_fill_ (at 1024 x 576 float32: ~100 us, in place ~30, against ~150 and ~120 for a
+    product with the mask, which is cast to x's dtype first)."""
+    if drops is None:
+        return x
+    if drops.dtype == torch.uint8:  # a mask shaped as x
+        return x.mul_(drops.view(x.shape)) if in_place else x * drops.view(x.shape)
+    out = x if in_place else x.clone(memory_format=torch.contiguous_format)
+    out.view(-1).index_fill_(0, drops, 0)
+    return out
+
+
 class LowRank(torch.autograd.Function):
     """scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r)) as a LoRA layer trains, with its backward
     written out for two reasons.
 
     - Dropout keeps, of x's size, only x itself (which the other layers reading the same input, q/k/v or gate/up, and
-      the block keep anyway) and the dropout mask as one byte per element. Autograd would keep a dropped copy of x per
+      the block keep anyway) and what it dropped (draw_drops: the dropped positions, or a one-byte mask). Autograd
+      would keep a dropped copy of x per
       adapted layer: for SmolLM2 with LoRA on all seven linear layers at 4 x 256 tokens, peak RSS 4.54 GB, against
       3.85 GB this way (benchmarks/RESULTS.md).
     - B's gradient is taken as (low_rank^T grad_out)^T, an (r, N) x (N, out) product. Autograd's linear backward
@@ -216,27 +242,27 @@ class LowRank(torch.autograd.Function):
       rank r that product is 3-3.5x slower on CPU (MKL, N = 1024, r = 8: 1.9 vs 0.55 ms at out = 1536, 0.47 vs
       0.17 ms at out = 576).
 
-    The mask is dropout_mask's, as in plain_low_rank, so outputs and gradients equal that function's from the same
-    seed (and PEFT's, given the same masks). At p = 0 there is no mask.
+    The draw is dropout_mask's, as in plain_low_rank, so outputs and gradients equal that function's from the same
+    seed (and PEFT's, given the same masks). At p = 0 nothing is drawn.
     """
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, p):
-        mask = keep_mask(x, p) if p > 0 else None
+        drops = draw_drops(x, p)
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
         scale = scaling / kept_fraction(p, x.device)
-        low_rank = F.linear(x if mask is None else x * mask, lora_A) * scale  # (..., r): kept
-        ctx.save_for_backward(x, lora_A, lora_B, low_rank, mask)
+        low_rank = F.linear(without_drops(x, drops), lora_A) * scale  # (..., r): kept
+        ctx.save_for_backward(x, lora_A, lora_B, low_rank, drops)
         ctx.scaling, ctx.p = scaling, p
         return F.linear(low_rank, lora_B)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_A, lora_B, low_rank, mask = ctx.saved_tensors
+        x, lora_A, lora_B, low_rank, drops = ctx.saved_tensors
         dtype = low_rank.dtype  # the forward's compute dtype (bfloat16 under bf16 autocast)
         in_features = x.size(-1)
-        dropped = x.reshape(-1, in_features) if mask is None else (x * mask).reshape(-1, in_features)  # (N, in)
+        dropped = without_drops(x, drops).reshape(-1, in_features)  # (N, in)
         grad_out = grad_out.to(dtype).reshape(-1, grad_out.size(-1))  # (N, out)
         low_rank = low_rank.reshape(-1, low_rank.size(-1))  # (N, r)
         grad_B = (low_rank.T @ grad_out).T.contiguous()  # (out, r), in the weight's layout: a copy of out x r
@@ -245,9 +271,7 @@ class LowRank(torch.autograd.Function):
         grad_A = grad_low_rank.T @ dropped.to(dtype)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_low_rank @ lora_A.to(dtype)).to(x.dtype)
-            if mask is not None:
-                grad_x.mul_(mask.reshape(-1, in_features))
+            grad_x = without_drops((grad_low_rank @ lora_A.to(dtype)).to(x.dtype), drops, in_place=True)
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None
 

@@ -174,8 +174,11 @@ def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_inpu
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, p)
         grads = torch.autograd.grad(out.float().square().sum(), (x, lora_A, lora_B))
-        results[name] = out, grads, [t for t in saved if t.numel() == x.numel()]
+        results[name] = out, grads, saved
     (fused, fused_grads, fused_saved), (plain, plain_grads, plain_saved) = results["fused"], results["plain"]
+    fused_saved, positions = [t for t in fused_saved if t.numel() == x.numel()], [
+        t for t in fused_saved if t.dtype == torch.int64]
+    plain_saved = [t for t in plain_saved if t.numel() == x.numel()]
     # equal but for rounding: the fused version applies dropout's 1 / (1 - p) to the rank-r product, not to x. Float32
     # rounding is relative to the size of the summed terms, so the tolerance is relative to the largest element
     # (assert_close's own rtol for each dtype: bfloat16's under autocast)
@@ -183,9 +186,11 @@ def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_inpu
         rtol = 1.6e-2 if autocast else 1.3e-6
         torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * float(reference.abs().max()))
     assert (x.grad is None) and abs((fused_grads[0] == 0).float().mean() - p) < 0.15  # about p of x is dropped
-    # besides x: the plain version keeps a dropped copy of x, the fused one only a one-byte mask (none at p = 0)
+    # besides x: the plain version keeps a dropped copy of x, the fused one only a one-byte mask (thresholds) or the
+    # dropped positions (gaps), nothing at p = 0
     assert any(t.is_floating_point() for t in plain_saved if t.data_ptr() != x.data_ptr())
-    assert [t.dtype for t in fused_saved if t.data_ptr() != x.data_ptr()] == [torch.uint8] * (p > 0)
+    assert [t.dtype for t in fused_saved if t.data_ptr() != x.data_ptr()] == [torch.uint8] * (p > 0.1)
+    assert [t.numel() == int((fused_grads[0] == 0).sum()) for t in positions] == [True] * (0 < p <= 0.1)
 
 
 def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
