@@ -234,9 +234,8 @@ class LowRank(torch.autograd.Function):
 
     - Dropout keeps, of x's size, only x itself (which the other layers reading the same input, q/k/v or gate/up, and
       the block keep anyway) and what it dropped (draw_drops: the dropped positions, or a one-byte mask). Autograd
-      would keep a dropped copy of x per
-      adapted layer: for SmolLM2 with LoRA on all seven linear layers at 4 x 256 tokens, peak RSS 4.54 GB, against
-      3.85 GB this way (benchmarks/RESULTS.md).
+      would keep a dropped copy of x per adapted layer: for SmolLM2 with LoRA on all seven linear layers at 4 x 256
+      tokens, peak RSS 4.54 GB, against 3.85 GB this way (benchmarks/RESULTS.md).
     - B's gradient is taken as (low_rank^T grad_out)^T, an (r, N) x (N, out) product. Autograd's linear backward
       computes grad_out^T low_rank, (out, N) x (N, r), so that the gradient comes out in the weight's layout; for
       rank r that product is 3-3.5x slower on CPU (MKL, N = 1024, r = 8: 1.9 vs 0.55 ms at out = 1536, 0.47 vs
