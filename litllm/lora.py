@@ -91,8 +91,9 @@ class LoRALinear(nn.Module):
             x = x.to(self.lora_A.weight.dtype)  # (under autocast the products cast x themselves: no round trip)
         if self.lora_magnitude_vector is not None:
             return (result + self._dora_extra(x, result)).to(result.dtype)
-        if self.training:  # backward's products in the order that is fast for rank r (see LowRank)
-            extra = LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
+        if self.training:  # backward's products in the order that is fast for rank r, added into result (LowRank)
+            return LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, result
+                                 ).to(result.dtype)
         else:
             # scaled in rank space (r columns, not out_features): the same product, fewer multiplications
             extra = self.lora_B(self.lora_A(x) * self.scaling)
@@ -122,11 +123,12 @@ class LoRALinear(nn.Module):
         return (self.lora_magnitude_vector.float() / norm).view(-1, 1) * combined
 
 
-def plain_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float
-                   ) -> torch.Tensor:
-    """scaling * B A (dropout(x)), the plain way (the mask as dropout_mask draws it): what LowRank computes, and the
-    reference its test holds it to. Autograd keeps the dropped copy of x for A's gradient."""
-    return F.linear(F.linear(lora_dropout(x, p), lora_A) * scaling, lora_B)
+def plain_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float,
+                   base_out: torch.Tensor | None = None) -> torch.Tensor:
+    """scaling * B A (dropout(x)) (+ base_out), the plain way (the mask as dropout_mask draws it): what LowRank
+    computes, and the reference its test holds it to. Autograd keeps the dropped copy of x for A's gradient."""
+    extra = F.linear(F.linear(lora_dropout(x, p), lora_A) * scaling, lora_B)
+    return extra if base_out is None else base_out + extra
 
 
 def lora_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -246,7 +248,7 @@ class LowRank(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, p):
+    def forward(ctx, x, lora_A, lora_B, scaling, p, base_out):
         drops = draw_drops(x, p)
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
@@ -254,11 +256,18 @@ class LowRank(torch.autograd.Function):
         low_rank = F.linear(without_drops(x, drops), lora_A) * scale  # (..., r): kept
         ctx.save_for_backward(x, lora_A, lora_B, low_rank, drops)
         ctx.scaling, ctx.p = scaling, p
-        return F.linear(low_rank, lora_B)
+        if base_out.dtype != low_rank.dtype or not base_out.is_contiguous():  # e.g. a 4-bit base's bfloat16 output
+            return base_out + F.linear(low_rank, lora_B)
+        # B's product added into the base layer's output by the product itself: no (..., out) tensor for it, and no
+        # pass to add one (base_out is the base layer's own new output, which its backward does not keep)
+        ctx.mark_dirty(base_out)
+        base_out.view(-1, base_out.size(-1)).addmm_(low_rank.view(-1, low_rank.size(-1)), lora_B.to(low_rank.dtype).T)
+        return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_A, lora_B, low_rank, drops = ctx.saved_tensors
+        grad_out_of_sum = grad_out if ctx.needs_input_grad[5] else None  # base_out's
         dtype = low_rank.dtype  # the forward's compute dtype (bfloat16 under bf16 autocast)
         in_features = x.size(-1)
         dropped = without_drops(x, drops).reshape(-1, in_features)  # (N, in)
@@ -272,7 +281,7 @@ class LowRank(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = without_drops((grad_low_rank @ lora_A.to(dtype)).to(x.dtype), drops, in_place=True)
             grad_x = grad_x.view(x.shape)
-        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None
+        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, grad_out_of_sum
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hf_models import save_tiny_hf_model
 from litllm.checkpoint import litllm_to_hf, load_model
@@ -166,14 +167,16 @@ def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_input(autocast, p):
     generator = torch.Generator().manual_seed(0)
-    x, lora_A, lora_B = (torch.randn(shape, generator=generator, requires_grad=True)
-                         for shape in [(2, 6, 32), (4, 32), (24, 4)])
+    x, lora_A, lora_B, weight = (torch.randn(shape, generator=generator, requires_grad=True)
+                                 for shape in [(2, 6, 32), (4, 32), (24, 4), (24, 32)])
     results = {}
     for name, function in (("fused", LowRank.apply), ("plain", plain_low_rank)):
         torch.manual_seed(7)  # the same dropout mask for both
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, p)
-        grads = torch.autograd.grad(out.float().square().sum(), (x, lora_A, lora_B))
+            # the base layer's output, which LowRank adds to in place (of x detached: x's gradient is the adapter's)
+            base_out = x.detach() @ weight.T
+            out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, p, base_out)
+        grads = torch.autograd.grad(out.float().square().sum(), (x, lora_A, lora_B, weight))
         results[name] = out, grads, saved
     (fused, fused_grads, fused_saved), (plain, plain_grads, plain_saved) = results["fused"], results["plain"]
     fused_saved, positions = [t for t in fused_saved if t.numel() == x.numel()], [
@@ -196,7 +199,8 @@ def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_inpu
 def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
     """Under bf16 autocast attention's output and SwiGLU's are bfloat16: o_proj and down_proj take them so, and their
     adapters keep no float32 copy for backward, with the outputs and gradients of the float32 round trip (autocast
-    casts back to bfloat16 before each product), bit for bit."""
+    casts back to bfloat16 before each product), bit for bit; B's product is added to the base output within the
+    product (addmm), as LowRank adds it."""
     model = apply_lora(load_model(llama[0]), LoRAConfig(r=4, targets=ALL_LINEAR, dropout=0.0)).train()
     randomize_lora(model)
     block, seen = model.layers[0], {}
@@ -212,7 +216,8 @@ def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
     A, B = layer.lora_A.weight, layer.lora_B.weight
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, saved = saved_for_backward(layer, x)
-        expected = (layer.base(x) + plain_low_rank(x.float(), A, B, layer.scaling, 0.0)).to(torch.bfloat16)
+        low_rank = F.linear(x.float(), A) * layer.scaling
+        expected = torch.addmm(layer.base(x).flatten(0, 1), low_rank.flatten(0, 1), B.T).view_as(ours)
     assert not [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape]
     assert torch.equal(ours, expected)
     for a, b in zip(torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)):
