@@ -218,11 +218,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ONEDNN_MIN_PRODUCT multiply-adds on a CPU where oneDNN's float32 products are the faster (onednn_float32), outside
     autocast and torch.compile (which pick their own kernels)."""
     # is_compiling first: Dynamo would trace into onednn_float32 (and warn that it ignores functools.cache)
-    if (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
-            and x.numel() * weight.size(0) >= ONEDNN_MIN_PRODUCT and type(weight) in (torch.Tensor, nn.Parameter)
-            and onednn_float32() and not torch.is_autocast_enabled("cpu")):
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if torch.is_autocast_enabled("cpu"):
+        return F.linear(x, frozen_autocast_copy(weight), bias)
+    if (x.dtype == weight.dtype == torch.float32 and x.numel() * weight.size(0) >= ONEDNN_MIN_PRODUCT
+            and type(weight) in (torch.Tensor, nn.Parameter) and onednn_float32()):
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+_autocast_copies = torch.utils.weak.WeakIdKeyDictionary()  # weight -> ((data_ptr, version, dtype), copy)
+
+
+def frozen_autocast_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A frozen float32 weight in CPU autocast's dtype, kept while the weight keeps its data and version (in-place
+    changes and loading a state dict change the version); anything else as it is. Autocast casts a frozen weight
+    (LoRA's base layers) again in every forward, where it casts a trained one once per autocast region: each step
+    a new bfloat16 copy of the whole base model. A copy is kept only from a forward that records gradients, whose
+    backward keeps the same copies until each layer's gradient (so peak memory stays the same); a forward without
+    gradients (a reference model's, generation) uses a kept copy but keeps no new one."""
+    dtype = torch.get_autocast_dtype("cpu")
+    if weight.requires_grad or weight.dtype != torch.float32 or dtype == torch.float32:
+        return weight
+    key = (weight.data_ptr(), weight._version, dtype)
+    kept = _autocast_copies.get(weight)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    copy = weight.to(dtype)
+    if torch.is_grad_enabled():
+        _autocast_copies[weight] = (key, copy)
+    return copy
 
 
 @functools.cache

@@ -13,7 +13,8 @@ from litllm.lora import (
     LINEAR_LAYERS, LoRAConfig, LoRALinear, LowRank, apply_lora, count_parameters, disable_adapters, dropout_mask,
     dropped_positions, kept_fraction, load_adapter, lora_state_dict, merge_lora, plain_low_rank, save_adapter,
 )
-from litllm.model import plain_linear
+import litllm.model
+from litllm.model import frozen_autocast_copy, plain_linear
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -222,6 +223,30 @@ def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
     assert torch.equal(ours, expected)
     for a, b in zip(torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)):
         assert torch.equal(a, b)
+
+
+def test_under_autocast_a_frozen_weight_is_cast_once_while_it_is_unchanged(llama, monkeypatch):
+    """A LoRA base weight under CPU bf16 autocast: one bfloat16 copy from forward to forward, taken anew when the
+    weight changes in place, none kept from a forward without gradients; the logits are those of autocast's own casts,
+    bit for bit."""
+    model = lora_model(llama[0], LoRAConfig(r=4, targets=ALL_LINEAR, dropout=0.0)).train()
+    weight = model.layers[0].mlp.up_proj.base.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert frozen_autocast_copy(weight) is not frozen_autocast_copy(weight)
+        kept = frozen_autocast_copy(weight)
+        assert kept is frozen_autocast_copy(weight) and torch.equal(kept, weight.to(torch.bfloat16))
+        logits = model(input_ids())
+        with torch.no_grad():
+            weight.mul_(-1)  # in place: the same tensor and data, a new version
+        again = frozen_autocast_copy(weight)
+        assert again is not kept and torch.equal(again, weight.to(torch.bfloat16))
+        changed = model(input_ids())
+        monkeypatch.setattr(litllm.model, "frozen_autocast_copy", lambda weight: weight)  # autocast casts each time
+        assert torch.equal(model(input_ids()), changed)
+        with torch.no_grad():
+            weight.mul_(-1)
+        assert torch.equal(model(input_ids()), logits) and not torch.equal(logits, changed)
 
 
 def test_only_lora_parameters_train(llama):
