@@ -220,6 +220,33 @@ def test_under_autocast_each_norm_output_is_cast_once_with_transformers_logits_a
 
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bfloat16", "bf16-autocast"])
+def test_bfloat16_causal_attention_is_sdpas_output_with_a_backward_nearer_to_exact(autocast):
+    """causal_attention in bfloat16 with gradients (bfloat16 inputs, or float32 ones under autocast): SDPA's output bit
+    for bit, and gradients (float32 backward) nearer to float64's from the same inputs than SDPA's bfloat16 backward,
+    within one bfloat16 rounding of them."""
+    import torch.nn.functional as F
+
+    from litllm.model import causal_attention
+
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    q, k, v = (torch.randn(shape, generator=generator).bfloat16().to(dtype).requires_grad_()
+               for shape in [(1, 6, 128, 64), (1, 2, 128, 64), (1, 2, 128, 64)])  # grouped-query: 3 q heads per k
+    grad = torch.randn(1, 6, 128, 64, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = causal_attention(q, k, v)
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert ours.grad_fn.name() == "BFloat16CausalAttentionBackward" and torch.equal(ours, theirs)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*exact_inputs, is_causal=True, enable_gqa=True)
+    for our_grad, their_grad, exact_grad in zip(torch.autograd.grad(ours, (q, k, v), grad),
+                                                torch.autograd.grad(theirs, (q, k, v), grad),
+                                                torch.autograd.grad(exact, exact_inputs, grad.double())):
+        ours_off, theirs_off = ((g.double() - exact_grad).norm() / exact_grad.norm() for g in (our_grad, their_grad))
+        assert ours_off < min(theirs_off, 2**-8), (ours_off, theirs_off)
+
+
 def float32_error_bound(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """The worst-case error of a float32 a @ b (+ add), elementwise, whatever the order of the sums: gamma_n (|a| @ |b|
     + |add|) for n = K + 2 roundings (the K terms, the addend, the output's own); gamma_n = n u / (1 - n u),
