@@ -227,3 +227,28 @@ def test_half_precision_training_on_a_cpu_without_fast_kernels_is_warned_about(t
     assert type(llm.model.layers[0].mlp.down_proj) is (PackedLinear if PACKS_BF16 else nn.Linear)
     setup_fabric(tmp_path, "bf16-mixed", "csv")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_stall_in_the_first_products_is_not_read_as_a_slow_half_precision(monkeypatch):
+    """A busy machine stalls a few of cpu_matmul_slowdown's microsecond products: only a slowdown that every try
+    confirms counts (the verdict is the same as without the stalls, whether this CPU's bfloat16 is fast or slow)."""
+    import time
+
+    import litllm.checkpoint
+
+    slowdown, product, stalls = litllm.checkpoint.cpu_matmul_slowdown, torch.Tensor.__matmul__, []
+
+    def stalled(a, b):  # the first four bfloat16 products (kernel selection and three tries) each meet a 50 ms stall
+        if a.dtype == torch.bfloat16 and len(stalls) < 4:
+            stalls.append(time.sleep(0.05))
+        return product(a, b)
+
+    slowdown.cache_clear()
+    try:
+        calm = slowdown(torch.bfloat16)
+        slowdown.cache_clear()
+        monkeypatch.setattr(torch.Tensor, "__matmul__", stalled)
+        assert (slowdown(torch.bfloat16) >= litllm.checkpoint.SLOW) == (calm >= litllm.checkpoint.SLOW)
+        assert len(stalls) == 4
+    finally:
+        slowdown.cache_clear()
