@@ -231,8 +231,9 @@ def without_drops(x: torch.Tensor, drops: torch.Tensor | None, in_place: bool = 
 
 
 class LowRank(torch.autograd.Function):
-    """scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r)) as a LoRA layer trains, with its backward
-    written out for two reasons.
+    """base_out + scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r), base_out: the base layer's
+    output (..., out)) as a LoRA layer trains, B's product added into base_out in place, with its backward written
+    out for two reasons.
 
     - Dropout keeps, of x's size, only x itself (which the other layers reading the same input, q/k/v or gate/up, and
       the block keep anyway) and what it dropped (draw_drops: the dropped positions, or a one-byte mask). Autograd

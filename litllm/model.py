@@ -214,9 +214,10 @@ ONEDNN_MIN_PRODUCT = 1 << 24  # multiply-adds from which oneDNN's float32 produc
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), with gradients; through OneDNNLinear for a float32 product of at least
-    ONEDNN_MIN_PRODUCT multiply-adds on a CPU where oneDNN's float32 products are the faster (onednn_float32), outside
-    autocast and torch.compile (which pick their own kernels)."""
+    """F.linear(x, weight, bias), with gradients; under CPU autocast with a frozen weight's kept copy
+    (frozen_autocast_copy); through OneDNNLinear for a float32 product of at least ONEDNN_MIN_PRODUCT multiply-adds
+    on a CPU where oneDNN's float32 products are the faster (onednn_float32), outside autocast. torch.compile picks
+    its own kernels."""
     # is_compiling first: Dynamo would trace into onednn_float32 (and warn that it ignores functools.cache)
     if torch.compiler.is_compiling() or x.device.type != "cpu":
         return F.linear(x, weight, bias)
@@ -383,15 +384,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """F.scaled_dot_product_attention(q, k, v, is_causal=True) for q (B, n_heads, T, head_dim) and k, v (B, n_kv_heads,
     T, head_dim); where it runs in bfloat16 on CPU (autocast's cast, or bfloat16 inputs) with gradients, through
     BFloat16CausalAttention: the same output, and a float32 backward."""
-    gqa = k.size(1) != q.size(1)
-    if (torch.compiler.is_compiling() or q.device.type != "cpu" or not torch.is_grad_enabled()
-            or not (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if torch.is_autocast_enabled("cpu"):  # as autocast casts attention's inputs
-        q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
-    if not q.dtype == k.dtype == v.dtype == torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return BFloat16CausalAttention.apply(q, k, v)
+    if (not torch.compiler.is_compiling() and q.device.type == "cpu" and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        if torch.is_autocast_enabled("cpu"):  # as autocast casts attention's inputs
+            q, k, v = (t.to(torch.get_autocast_dtype("cpu")) for t in (q, k, v))
+        if q.dtype == k.dtype == v.dtype == torch.bfloat16:
+            return BFloat16CausalAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
 class BFloat16CausalAttention(torch.autograd.Function):
