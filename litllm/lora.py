@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -69,7 +70,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = dropout  # probability; drawn by dropout_mask (see there)
+        self.dropout = dropout  # probability; drawn once per input tensor (SharedDraw)
         weight = dequantize_weight(base)
         factory = dict(device=weight.device, dtype=weight.dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -109,7 +110,8 @@ class LoRALinear(nn.Module):
         if self.dropout == 0 or not self.training:
             base_result = result if self.base.bias is None else result - self.base.bias  # reuse base(x): W x
         else:  # dropout applies to W x too here, so W x is recomputed on the dropped input
-            x = lora_dropout(x, self.dropout)
+            drops = SHARED_DRAW.drops_for(x, self.dropout, id(self.lora_A.weight))
+            x = without_drops(x, drops) / kept_fraction(self.dropout, x.device)
             base_result = F.linear(x, weight)
         return (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
 
@@ -154,7 +156,6 @@ def kept_fraction(p: float, device: torch.device) -> float:
     return 1 - round(p * 65536) / 65536
 
 
-@torch.library.custom_op("litllm::dropout_mask", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """A new bool tensor shaped as `like`, True where dropout with probability `p` keeps an element: each independently
     with probability kept_fraction(p, like.device), from the global generator. The masks follow the same distribution
@@ -166,12 +167,9 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     - otherwise each 64-bit draw makes four uniform 16-bit numbers, each compared with p's threshold: ~1 ns per element
       on a 2-core CPU.
 
-    An op of its own so that torch.compile (torch 2.13) calls it as one opaque kernel returning a new tensor. Traced,
-    the draw into an empty tensor was miscompiled in training graphs on CPU: inductor fused the reader (x * mask) into
-    a kernel that runs before the draw, so adapters fed by a norm (q/k/v, gate/up) saw an all-False mask and silently
-    stopped learning. `like` is a fresh empty tensor at each call: a compiled graph merges calls of one op with the
-    same arguments, even random ones, and q, k and v would otherwise share one mask. (Drawn in eager's order under
-    compile only with inductor's fallback_random, as training.loop.compile_blocks_for_training sets it.)"""
+    Under torch.compile the draws run outside the compiled graphs (SharedDraw): traced, a draw into an empty tensor was
+    miscompiled in training graphs on CPU (torch 2.13: inductor fused the reader, x * mask, into a kernel that ran
+    before the draw, and adapters fed by a norm silently stopped learning)."""
     n = like.numel()
     if p <= GAPS_MAX_P and like.device.type == "cpu":
         keep = torch.ones(n, dtype=torch.bool)
@@ -180,53 +178,86 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return bits.view(torch.int16)[:n].view(like.shape) >= -32768 + round(p * 65536)
 
 
-@dropout_mask.register_fake
-def _(like: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.empty_like(like, dtype=torch.bool)
-
-
 def dropped_positions(n: int, p: float, draws: int | None = None) -> torch.Tensor:
     """The positions among n that dropout with probability p drops, increasing (int64, on CPU): the elements are
     dropped independently, so the number kept before the first drop and between two drops is geometric, P(k) =
-    (1 - p)^k p, drawn as floor(log(u) / log(1 - p)) for u uniform in (0, 1] from 53 random bits. For p = 0.05, ~p n
-    draws where the thresholds take n / 4, and float64 arithmetic on them: a mask of 1024 x 576 in ~0.3 ms against
-    ~0.55, of 1024 x 1536 in ~0.6 against ~1.7 (2-core Intel Xeon). `draws` at a time (default: enough for all but
-    about one call in a billion), then more from where they stopped: the same positions from the same seed."""
+    (1 - p)^k p, drawn as floor(log(u) / log(1 - p)) for u uniform in (0, 1] from 32 random bits (each probability
+    within 2^-32 of the exact one; half the generator's work of 53 bits). For p = 0.05, ~p n draws where the
+    thresholds take n / 4, and float64 arithmetic on them: a mask of 1024 x 576 in ~0.2 ms against ~0.55, of
+    1024 x 1536 in ~0.4 against ~1.7 (2-core Intel Xeon). `draws` at a time (default: enough for all but about one
+    call in a billion; rounded up to even), then more from where they stopped: the same positions from the same
+    seed."""
     if p == 0:
         return torch.empty(0, dtype=torch.int64)
     found, start = [torch.empty(0, dtype=torch.float64)], 0.0  # start: the position after the last one drawn
     while start < n:
-        count = draws or int(n * p + 6 * math.sqrt(n * p) + 16)
-        runs = torch.empty(count, dtype=torch.int64).random_(0, 2**53).double().add_(1).mul_(2.0**-53)
-        runs = runs.log_().div_(math.log1p(-p)).floor_()  # kept elements before each drop
-        positions = runs.cumsum_(0).add_(torch.arange(start, start + count, dtype=torch.float64))
+        count = 2 * -(-(draws or int(n * p + 6 * math.sqrt(n * p) + 16)) // 2)  # whole 64-bit draws
+        bits = torch.empty(count // 2, dtype=torch.int64).random_(-2**63, None)  # two 32-bit draws each
+        runs = bits.view(torch.int32).double().add_(2**31 + 1).mul_(2.0**-32)  # uniform in (0, 1]
+        runs = runs.log_().div_(math.log1p(-p)).floor_().add_(1)  # kept elements before each drop, and the drop
+        positions = runs.cumsum_(0).add_(start - 1)
         found.append(positions[:int(torch.searchsorted(positions, float(n)))])
         start = float(positions[-1]) + 1
-    return torch.cat(found).long()
+    return (found[1] if len(found) == 2 else torch.cat(found)).long()
 
 
 def draw_drops(x: torch.Tensor, p: float) -> torch.Tensor | None:
     """What dropout with probability p drops from x, in the form LowRank keeps for backward: None at p = 0; on CPU up
-    to GAPS_MAX_P outside torch.compile, the positions of the dropped elements in x flattened (dropped_positions:
-    ~p of them, 8 bytes each, 0.4 bytes per element of x at p = 0.05 against a mask's one); else keep_mask's mask.
-    Either way dropout_mask's draw: the same elements dropped from the same seed."""
+    to GAPS_MAX_P, the positions of the dropped elements in x flattened (dropped_positions: ~p of them, 8 bytes each,
+    0.4 bytes per element of x at p = 0.05 against a mask's one); else keep_mask's mask. Either way dropout_mask's
+    draw: the same elements dropped from the same seed."""
     if p == 0:
         return None
-    if p <= GAPS_MAX_P and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if p <= GAPS_MAX_P and x.device.type == "cpu":
         return dropped_positions(x.numel(), p)
     return keep_mask(x, p)
 
 
+class SharedDraw:
+    """Dropout drawn once per input tensor: the layers that read the same tensor one after another in a forward, q, k
+    and v (the block's normed input) and gate and up (the other one), drop the same elements of it, and use one
+    dropped copy of it, made once in forward and once in backward. As LitGPT's LoRA for its fused q/k/v layer drops
+    one mask for the three; PEFT draws one per layer (the same distribution per layer, other correlations between q,
+    k and v; the adapters are the same either way). A layer that comes back to the same input draws anew: a second
+    forward on the same tensor is a new draw. One training forward/backward at a time per process."""
+
+    def __init__(self) -> None:
+        self.source: tuple | None = None  # (a weak reference to x, x's version, p)
+        self.drops: torch.Tensor | None = None
+        self.users: set[int] = set()  # the layers (their A's id) that have taken the draw
+        self.copy_of: tuple | None = None  # (a weak reference to the drops, the dropped copy) made last
+
+    @torch.compiler.disable  # run as is under torch.compile: the same draws as eager's
+    def drops_for(self, x: torch.Tensor, p: float, layer: int) -> torch.Tensor | None:
+        source = (x._version, p)
+        if self.source is None or self.source[0]() is not x or self.source[1:] != source or layer in self.users:
+            self.source, self.drops, self.users = (weakref.ref(x), *source), draw_drops(x, p), set()
+        self.users.add(layer)
+        return self.drops
+
+    @torch.compiler.disable
+    def dropped(self, x: torch.Tensor, drops: torch.Tensor | None) -> torch.Tensor:
+        """without_drops(x, drops), the copy made last reused while it is of these drops."""
+        if drops is None:
+            return x
+        if self.copy_of is None or self.copy_of[0]() is not drops:
+            self.copy_of = (weakref.ref(drops), without_drops(x, drops))
+        return self.copy_of[1]
+
+
+SHARED_DRAW = SharedDraw()
+
+
 def without_drops(x: torch.Tensor, drops: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
-    """x with the elements `drops` (draw_drops's) names set to zero: in a copy, or in x itself (contiguous). For
-    positions a copy and one index_fill_ (at 1024 x 576 float32: ~100 us, in place ~30, against ~150 and ~120 for a
-    product with the mask, which is cast to x's dtype first)."""
+    """x with the elements `drops` (draw_drops's) names set to zero: in a copy, or in x itself (contiguous). Positions
+    are written with put_: a copy and its zeroing at 1024 x 576 float32 (p = 0.05) ~95 us with x not in cache, against
+    ~215 with index_fill_, and ~150 for a product with a mask, which is cast to x's dtype first."""
     if drops is None:
         return x
     if drops.dtype == torch.uint8:  # a mask shaped as x
         return x.mul_(drops.view(x.shape)) if in_place else x * drops.view(x.shape)
     out = x if in_place else x.clone(memory_format=torch.contiguous_format)
-    out.view(-1).index_fill_(0, drops, 0)
+    out.view(-1).put_(drops, out.new_zeros(drops.shape))
     return out
 
 
@@ -250,11 +281,11 @@ class LowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, p, base_out):
-        drops = draw_drops(x, p)
+        drops = SHARED_DRAW.drops_for(x, p, id(lora_A))
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
         scale = scaling / kept_fraction(p, x.device)
-        low_rank = F.linear(without_drops(x, drops), lora_A) * scale  # (..., r): kept
+        low_rank = F.linear(SHARED_DRAW.dropped(x, drops), lora_A) * scale  # (..., r): kept
         ctx.save_for_backward(x, lora_A, lora_B, low_rank, drops)
         ctx.scaling, ctx.p = scaling, p
         if base_out.dtype != low_rank.dtype or not base_out.is_contiguous():  # e.g. a 4-bit base's bfloat16 output
@@ -271,13 +302,12 @@ class LowRank(torch.autograd.Function):
         grad_out_of_sum = grad_out if ctx.needs_input_grad[5] else None  # base_out's
         dtype = low_rank.dtype  # the forward's compute dtype (bfloat16 under bf16 autocast)
         in_features = x.size(-1)
-        dropped = without_drops(x, drops).reshape(-1, in_features)  # (N, in)
         grad_out = grad_out.to(dtype).reshape(-1, grad_out.size(-1))  # (N, out)
         low_rank = low_rank.reshape(-1, low_rank.size(-1))  # (N, r)
         grad_B = (low_rank.T @ grad_out).T.contiguous()  # (out, r), in the weight's layout: a copy of out x r
         # d loss / d (the dropped, rescaled input's rank-r image), rescaled: (N, r)
         grad_low_rank = (grad_out @ lora_B.to(dtype)) * (ctx.scaling / kept_fraction(ctx.p, x.device))
-        grad_A = grad_low_rank.T @ dropped.to(dtype)  # (r, in)
+        grad_A = grad_low_rank.T @ SHARED_DRAW.dropped(x, drops).reshape(-1, in_features).to(dtype)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = without_drops((grad_low_rank @ lora_A.to(dtype)).to(x.dtype), drops, in_place=True)

@@ -80,14 +80,17 @@ def test_lora_forward_equals_peft(llama, tmp_path, dora):
 
 
 class GivenMasks(nn.Module):
-    """Dropout in PEFT's place that applies the next of the masks litllm drew, layer by layer in call order."""
+    """Dropout in PEFT's place that applies the masks litllm drew, in call order: the next one for a new input, the
+    last one again for the input the layer before read (litllm draws one mask per input: q and v read the same)."""
 
-    def __init__(self, masks: list[torch.Tensor], p: float) -> None:
+    def __init__(self, masks: list[torch.Tensor], p: float, last: dict) -> None:
         super().__init__()
-        self.masks, self.p = masks, p
+        self.masks, self.p, self.last = masks, p, last  # last: shared by all of them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.masks.pop(0) / (1 - self.p)
+        if self.last.get("x") is not x:
+            self.last.update(x=x, mask=self.masks.pop(0))
+        return x * self.last["mask"] / (1 - self.p)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -104,21 +107,23 @@ def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path
     masks = []
     draw = litllm.lora.keep_mask
     monkeypatch.setattr(litllm.lora, "keep_mask", lambda x, p: masks.append(draw(x, p)) or masks[-1])
+    last = {}
     for module in peft.modules():
         if hasattr(module, "lora_dropout"):
-            module.lora_dropout["default"] = GivenMasks(masks, config.dropout)
+            module.lora_dropout["default"] = GivenMasks(masks, config.dropout, last)
     x = input_ids()
     ours = model(x)
     dropped = 1 - float(torch.cat([mask.flatten() for mask in masks]).float().mean())
-    assert len(masks) == 2 * 3 and 0.2 < dropped < 0.3
+    assert len(masks) == 2 * 2 and 0.2 < dropped < 0.3  # per layer: q and v's input, down's
     theirs = peft(x).logits
-    assert masks == []  # PEFT applied each, once
+    assert masks == []  # PEFT applied each
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     ours.square().mean().backward()
     theirs.square().mean().backward()
-    ours_grad = model.layers[1].mlp.down_proj.lora_A.weight.grad
-    theirs_grad = peft.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.grad
-    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
+    for name in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]:  # q and v: one dropped input for both
+        ours_grad = model.layers[1].get_submodule(name.removeprefix("self_")).lora_A.weight.grad
+        theirs_grad = peft.base_model.model.model.layers[1].get_submodule(name).lora_A["default"].weight.grad
+        torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5], ids=["gaps", "thresholds"])
@@ -162,6 +167,40 @@ def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         return function(*args), saved
+
+
+def test_layers_reading_one_input_drop_the_same_elements_and_a_second_forward_draws_anew(monkeypatch):
+    """q, k and v (gate and up) read one tensor: one dropout draw for it, and one dropped copy in forward and in
+    backward; outputs and gradients are those of each layer applied to x times that mask."""
+    import litllm.lora
+
+    torch.manual_seed(0)
+    p = 0.05
+    layers = [LoRALinear(nn.Linear(64, 32), r=4, alpha=8, dropout=p).train() for _ in range(2)]
+    for layer in layers:
+        nn.init.normal_(layer.lora_B.weight)
+    draws, draw = [], litllm.lora.draw_drops
+    monkeypatch.setattr(litllm.lora, "draw_drops", lambda x, p: draws.append(draw(x, p)) or draws[-1])
+    x = torch.randn(8, 64, requires_grad=True)
+    outs = [layer(x) for layer in layers]
+    assert len(draws) == 1 and draws[0].numel() > 0
+    sum(out.square().sum() for out in outs).backward()
+
+    mask = torch.ones(x.numel()).index_fill_(0, draws[0], 0).view_as(x)
+    reference_x = x.detach().requires_grad_()
+    adapters = [(layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_())
+                for layer in layers]
+    references = [layer.base(reference_x) + layer.scaling * F.linear(F.linear(reference_x * mask / (1 - p), A), B)
+                  for layer, (A, B) in zip(layers, adapters)]
+    sum(ref.square().sum() for ref in references).backward()
+    pairs = [*zip(outs, references), (x.grad, reference_x.grad)]
+    pairs += [(ours, reference) for layer, (A, B) in zip(layers, adapters)
+              for ours, reference in ((layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad))]
+    for ours, reference in pairs:  # rounding relative to the largest element (1 / (1 - p) is applied in rank space)
+        torch.testing.assert_close(ours, reference, rtol=1.3e-6, atol=1.3e-6 * float(reference.abs().max()))
+    layers[0](x)  # the same layer again on the same input: a new draw
+    layers[1](x.clone())  # another input
+    assert len(draws) == 3 and not torch.equal(draws[1], draws[0])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.3], ids=["no-dropout", "dropout-gaps", "dropout-thresholds"])

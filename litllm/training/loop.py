@@ -98,12 +98,11 @@ def compile_blocks_for_training(model: nn.Module) -> None:
     shapes and arguments) would each compile again, and decoding step by step recompile; they stay as they were.
 
     One compiled function serves every block (the block is its argument), so the compile costs one block's, twice:
-    the first block's input needs no gradient (frozen embeddings), the others' do.
-    fallback_random keeps the random draws eager's, in eager's order (inductor draws its own numbers otherwise, in an
-    order of its choosing): with LoRA dropout (see lora.dropout_mask), losses equal eager's from the same seed.
+    the first block's input needs no gradient (frozen embeddings), the others' do. LoRA dropout draws outside the
+    compiled graphs (lora.SharedDraw), in eager's order: losses equal eager's from the same seed.
     """
     forward = type(model.layers[0]).forward
-    compiled = torch.compile(forward, options={"fallback_random": True})
+    compiled = torch.compile(forward)
 
     def compiled_when_training(block: nn.Module, *args, **kwargs) -> torch.Tensor:
         return (compiled if block.training and torch.is_grad_enabled() else forward)(block, *args, **kwargs)
