@@ -38,7 +38,8 @@ class LoRAConfig:
     Attributes:
         r: rank of the learned update B @ A.
         alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).
-        dropout: dropout probability on the adapter's input (the base layer sees the input unchanged).
+        dropout: dropout probability on the adapter's input (the base layer sees the input unchanged); layers
+            that read one input (q/k/v, gate/up) drop the same elements of it (SharedDraw).
         targets: Hugging Face names of the layers to adapt: q_proj, k_proj, v_proj, o_proj, gate_proj,
             up_proj, down_proj, lm_head.
         dora: DoRA (arXiv 2402.09353): also learn the norm of each output row of the weight.
