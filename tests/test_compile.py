@@ -10,7 +10,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 def test_compiled_lora_training_equals_eager_with_dropout(tiny_chat_model_dir, tmp_path):
     # LoRA's default dropout 0.05: compiled, its masks were once read before being drawn, and q/k/v's were merged
-    # into one (see lora.dropout_mask). Every example is longer than 32 tokens, so every batch has one shape and the
+    # into one (see lora_dropout.dropout_mask). Every example is longer than 32 tokens, so every batch has one shape and the
     # blocks compile once.
     args = ["--data", "JSON", "--data.json_path", DATA / "alpaca_demo.json", "--data.mask_prompt", "false",
             "--train.max_seq_length", "32",

@@ -10,9 +10,10 @@ from hf_models import save_tiny_hf_model
 from litllm.checkpoint import litllm_to_hf, load_model
 from litllm.errors import UserError
 from litllm.lora import (
-    LINEAR_LAYERS, LoRAConfig, LoRALinear, LowRank, apply_lora, count_parameters, disable_adapters, dropout_mask,
-    dropped_positions, kept_fraction, load_adapter, lora_state_dict, merge_lora, plain_low_rank, save_adapter,
+    LINEAR_LAYERS, LoRAConfig, LoRALinear, LowRank, apply_lora, count_parameters, disable_adapters, load_adapter,
+    lora_state_dict, merge_lora, plain_low_rank, save_adapter,
 )
+from litllm.lora_dropout import dropout_mask, dropped_positions, kept_fraction
 import litllm.model
 from litllm.model import frozen_autocast_copy, plain_linear
 
@@ -96,8 +97,8 @@ class GivenMasks(nn.Module):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path, monkeypatch, dora):
     """In training mode with dropout: PEFT's dropout layers given the masks litllm drew (litllm draws its own way, see
-    lora.dropout_mask), layer by layer. p = 1/4 is a multiple of 1/65536: the scale 1 / (1 - p) is PEFT's own."""
-    import litllm.lora
+    lora_dropout.dropout_mask), layer by layer. p = 1/4 is a multiple of 1/65536: the scale 1 / (1 - p) is PEFT's own."""
+    import litllm.lora_dropout
 
     checkpoint_dir, _ = llama
     config = LoRAConfig(r=4, alpha=8, dropout=0.25, targets=["q_proj", "v_proj", "down_proj"], dora=dora)
@@ -105,8 +106,8 @@ def test_lora_training_forward_and_grads_equal_peft_with_dropout(llama, tmp_path
     peft = peft_model(save_tiny_hf_model("llama", tmp_path), config).train()
     copy_lora_into_peft(model, peft)
     masks = []
-    draw = litllm.lora.keep_mask
-    monkeypatch.setattr(litllm.lora, "keep_mask", lambda x, p: masks.append(draw(x, p)) or masks[-1])
+    draw = litllm.lora_dropout.keep_mask
+    monkeypatch.setattr(litllm.lora_dropout, "keep_mask", lambda x, p: masks.append(draw(x, p)) or masks[-1])
     last = {}
     for module in peft.modules():
         if hasattr(module, "lora_dropout"):
@@ -172,15 +173,15 @@ def saved_for_backward(function, *args) -> tuple[torch.Tensor, list[torch.Tensor
 def test_layers_reading_one_input_drop_the_same_elements_and_a_second_forward_draws_anew(monkeypatch):
     """q, k and v (gate and up) read one tensor: one dropout draw for it, and one dropped copy in forward and in
     backward; outputs and gradients are those of each layer applied to x times that mask."""
-    import litllm.lora
+    import litllm.lora_dropout
 
     torch.manual_seed(0)
     p = 0.05
     layers = [LoRALinear(nn.Linear(64, 32), r=4, alpha=8, dropout=p).train() for _ in range(2)]
     for layer in layers:
         nn.init.normal_(layer.lora_B.weight)
-    draws, draw = [], litllm.lora.draw_drops
-    monkeypatch.setattr(litllm.lora, "draw_drops", lambda x, p: draws.append(draw(x, p)) or draws[-1])
+    draws, draw = [], litllm.lora_dropout.draw_drops
+    monkeypatch.setattr(litllm.lora_dropout, "draw_drops", lambda x, p: draws.append(draw(x, p)) or draws[-1])
     x = torch.randn(8, 64, requires_grad=True)
     outs = [layer(x) for layer in layers]
     assert len(draws) == 1 and draws[0].numel() > 0
