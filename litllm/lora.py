@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from litllm.checkpoint import hf_to_litllm, litllm_to_hf
 from litllm.errors import UserError
-from litllm.lora_dropout import SHARED_DRAW, kept_fraction, lora_dropout, without_drops
-from litllm.model import Linear
+from litllm.lora_dropout import SHARED_DRAW, add_without_drops, kept_fraction, lora_dropout, without_drops
+from litllm.model import Linear, autocast_weight, linear, plain_linear
 from litllm.quantize import dequantize_weight
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -86,9 +86,15 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
         if not self.enabled:
-            return result
+            return self.base(x)
+        if self.training and self.lora_magnitude_vector is None and self.frozen_plain_base():
+            # the base layer's product in LowRank too, whose backward then adds the adapter's gradient for x into the
+            # base layer's (in the product, with no tensor or autograd node of its own)
+            weight = autocast_weight(self.base.weight)
+            return LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, None, weight,
+                                 self.base.bias)
+        result = self.base(x)
         if self.lora_magnitude_vector is not None or not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # (under autocast the products cast x themselves: no round trip)
         if self.lora_magnitude_vector is not None:
@@ -96,10 +102,13 @@ class LoRALinear(nn.Module):
         if self.training:  # backward's products in the order that is fast for rank r, added into result (LowRank)
             return LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, result
                                  ).to(result.dtype)
-        else:
-            # scaled in rank space (r columns, not out_features): the same product, fewer multiplications
-            extra = self.lora_B(self.lora_A(x) * self.scaling)
-        return (result + extra).to(result.dtype)
+        # scaled in rank space (r columns, not out_features): the same product, fewer multiplications
+        return (result + self.lora_B(self.lora_A(x) * self.scaling)).to(result.dtype)
+
+    def frozen_plain_base(self) -> bool:
+        """Whether the base is a plain linear layer (not quantized) that does not train, of the adapter's dtype."""
+        return (plain_linear(self.base) and self.base.weight.dtype == self.lora_A.weight.dtype
+                and not any(param.requires_grad for param in self.base.parameters()))
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output: (m / |W + sBA| - 1) W x + (m / |W + sBA|) s B A x."""
@@ -127,17 +136,22 @@ class LoRALinear(nn.Module):
 
 
 def plain_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float,
-                   base_out: torch.Tensor | None = None) -> torch.Tensor:
-    """scaling * B A (dropout(x)) (+ base_out), the plain way (the mask as dropout_mask draws it): what LowRank
-    computes, and the reference its test holds it to. Autograd keeps the dropped copy of x for A's gradient."""
+                   base_out: torch.Tensor | None = None, base_weight: torch.Tensor | None = None,
+                   base_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """scaling * B A (dropout(x)), plus base_out or the base layer F.linear(x, base_weight, base_bias), the plain way
+    (the mask as dropout_mask draws it): what LowRank computes, and the reference its test holds it to. Autograd keeps
+    the dropped copy of x for A's gradient."""
     extra = F.linear(F.linear(lora_dropout(x, p), lora_A) * scaling, lora_B)
+    if base_weight is not None:
+        base_out = F.linear(x, base_weight, base_bias)
     return extra if base_out is None else base_out + extra
 
 
 class LowRank(torch.autograd.Function):
-    """base_out + scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r), base_out: the base layer's
-    output (..., out)) as a LoRA layer trains, B's product added into base_out in place, with its backward written
-    out for two reasons.
+    """base_out + scaling * B A (dropout(x)) (x: (..., in), A: (r, in), B: (out, r)) as a LoRA layer trains, where
+    base_out is the base layer's output (..., out), or for a frozen plain base layer its product F.linear(x,
+    base_weight, base_bias), computed here. B's product is added into base_out in place, and the backward is written
+    out for three reasons.
 
     - Dropout keeps, of x's size, only x itself (which the other layers reading the same input, q/k/v or gate/up, and
       the block keep anyway) and what it dropped (draw_drops: the dropped positions, or a one-byte mask). Autograd
@@ -147,31 +161,36 @@ class LowRank(torch.autograd.Function):
       computes grad_out^T low_rank, (out, N) x (N, r), so that the gradient comes out in the weight's layout; for
       rank r that product is 3-3.5x slower on CPU (MKL, N = 1024, r = 8: 1.9 vs 0.55 ms at out = 1536, 0.47 vs
       0.17 ms at out = 576).
+    - With the base layer's weight, x's gradient is the base layer's with the adapter's added in by the product itself
+      (add_without_drops): no (..., in) tensor for the adapter's part, no pass to add it, one autograd node per layer.
 
     The draw is dropout_mask's, as in plain_low_rank, so outputs and gradients equal that function's from the same
-    seed (and PEFT's, given the same masks). At p = 0 nothing is drawn.
+    seed (and PEFT's, given the same masks) but for rounding. At p = 0 nothing is drawn.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, p, base_out):
+    def forward(ctx, x, lora_A, lora_B, scaling, p, base_out, base_weight=None, base_bias=None):
         drops = SHARED_DRAW.drops_for(x, p, id(lora_A))
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
         scale = scaling / kept_fraction(p, x.device)
         low_rank = F.linear(SHARED_DRAW.dropped(x, drops), lora_A) * scale  # (..., r): kept
-        ctx.save_for_backward(x, lora_A, lora_B, low_rank, drops)
+        ctx.save_for_backward(x, lora_A, lora_B, low_rank, drops, base_weight)
         ctx.scaling, ctx.p = scaling, p
+        if base_weight is not None:
+            base_out = linear(x, base_weight, base_bias)
         if base_out.dtype != low_rank.dtype or not base_out.is_contiguous():  # e.g. a 4-bit base's bfloat16 output
             return base_out + F.linear(low_rank, lora_B)
+        if base_weight is None:
+            ctx.mark_dirty(base_out)  # the base layer's own new output, which its backward does not keep
         # B's product added into the base layer's output by the product itself: no (..., out) tensor for it, and no
-        # pass to add one (base_out is the base layer's own new output, which its backward does not keep)
-        ctx.mark_dirty(base_out)
+        # pass to add one
         base_out.view(-1, base_out.size(-1)).addmm_(low_rank.view(-1, low_rank.size(-1)), lora_B.to(low_rank.dtype).T)
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_A, lora_B, low_rank, drops = ctx.saved_tensors
+        x, lora_A, lora_B, low_rank, drops, base_weight = ctx.saved_tensors
         grad_out_of_sum = grad_out if ctx.needs_input_grad[5] else None  # base_out's
         dtype = low_rank.dtype  # the forward's compute dtype (bfloat16 under bf16 autocast)
         in_features = x.size(-1)
@@ -183,9 +202,12 @@ class LowRank(torch.autograd.Function):
         grad_A = grad_low_rank.T @ SHARED_DRAW.dropped(x, drops).reshape(-1, in_features).to(dtype)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = without_drops((grad_low_rank @ lora_A.to(dtype)).to(x.dtype), drops, in_place=True)
-            grad_x = grad_x.view(x.shape)
-        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, grad_out_of_sum
+            if base_weight is None:  # the adapter's part (the base layer's backward adds its own)
+                grad_x = without_drops(grad_low_rank @ lora_A.to(dtype), drops, in_place=True)
+            else:
+                grad_x = add_without_drops(linear(grad_out, base_weight.T), grad_low_rank, lora_A.to(dtype), drops)
+            grad_x = grad_x.to(x.dtype).view(x.shape)
+        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, grad_out_of_sum, None, None
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:

@@ -134,3 +134,15 @@ def without_drops(x: torch.Tensor, drops: torch.Tensor | None, in_place: bool = 
     out = x if in_place else x.clone(memory_format=torch.contiguous_format)
     out.view(-1).put_(drops, out.new_zeros(drops.shape))
     return out
+
+
+def add_without_drops(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, drops: torch.Tensor | None) -> torch.Tensor:
+    """out (2-d, contiguous) += without_drops(a @ b, drops), in place. With dropped positions the product adds into out
+    itself (addmm_) and out's own values are put back at the dropped positions: a gather and a scatter of ~p of the
+    elements, where a separate product would take a tensor of out's size, its zeroing and a pass to add it."""
+    if drops is None:
+        return out.addmm_(a, b)
+    if drops.dtype == torch.uint8:  # a mask shaped as out
+        return out.add_(without_drops(a @ b, drops, in_place=True))
+    kept = out.view(-1).take(drops)
+    return out.addmm_(a, b).view(-1).put_(drops, kept).view(out.shape)

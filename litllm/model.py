@@ -252,6 +252,18 @@ def frozen_autocast_copy(weight: torch.Tensor) -> torch.Tensor:
     return copy
 
 
+def autocast_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a product under the current autocast multiplies by it, for a product taken outside autocast
+    later (a backward): a frozen CPU weight's kept copy (frozen_autocast_copy), else a cast to autocast's dtype;
+    outside autocast the weight itself."""
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device) or not weight.is_floating_point():
+        return weight
+    if device == "cpu":
+        return frozen_autocast_copy(weight)
+    return weight.to(torch.get_autocast_dtype(device))
+
+
 @functools.cache
 def onednn_float32() -> bool:
     """Whether this CPU runs float32 products faster on oneDNN than on PyTorch's default CPU kernel (MKL's): AMD CPUs

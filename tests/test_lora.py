@@ -206,18 +206,25 @@ def test_layers_reading_one_input_drop_the_same_elements_and_a_second_forward_dr
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.3], ids=["no-dropout", "dropout-gaps", "dropout-thresholds"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_input(autocast, p):
+@pytest.mark.parametrize("base", ["output", "weight"])
+def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_input(autocast, p, base):
     generator = torch.Generator().manual_seed(0)
     x, lora_A, lora_B, weight = (torch.randn(shape, generator=generator, requires_grad=True)
                                  for shape in [(2, 6, 32), (4, 32), (24, 4), (24, 32)])
+    bias = torch.randn(24, generator=generator)
     results = {}
     for name, function in (("fused", LowRank.apply), ("plain", plain_low_rank)):
         torch.manual_seed(7)  # the same dropout mask for both
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            # the base layer's output, which LowRank adds to in place (of x detached: x's gradient is the adapter's)
-            base_out = x.detach() @ weight.T
-            out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, p, base_out)
-        grads = torch.autograd.grad(out.float().square().sum(), (x, lora_A, lora_B, weight))
+            if base == "output":
+                # the base layer's output, which LowRank adds to in place (of x detached: x's gradient is the adapter's)
+                out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, p, x.detach() @ weight.T)
+                wrt = (x, lora_A, lora_B, weight)
+            else:  # a frozen base layer's weight and bias: x's gradient is the base layer's and the adapter's
+                frozen = weight.detach().to(torch.bfloat16) if autocast else weight.detach()
+                out, saved = saved_for_backward(function, x, lora_A, lora_B, 2.0, p, None, frozen, bias)
+                wrt = (x, lora_A, lora_B)
+        grads = torch.autograd.grad(out.float().square().sum(), wrt)
         results[name] = out, grads, saved
     (fused, fused_grads, fused_saved), (plain, plain_grads, plain_saved) = results["fused"], results["plain"]
     fused_saved, positions = [t for t in fused_saved if t.numel() == x.numel()], [
@@ -229,19 +236,25 @@ def test_low_rank_equals_the_plain_version_and_keeps_no_dropped_copy_of_its_inpu
     for ours, reference in zip((fused, *fused_grads), (plain, *plain_grads)):
         rtol = 1.6e-2 if autocast else 1.3e-6
         torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * float(reference.abs().max()))
-    assert (x.grad is None) and abs((fused_grads[0] == 0).float().mean() - p) < 0.15  # about p of x is dropped
-    # besides x: the plain version keeps a dropped copy of x, the fused one only a one-byte mask (thresholds) or the
-    # dropped positions (gaps), nothing at p = 0
+    # where x is dropped its gradient is the base layer's alone, exactly: none with a base output, else the base layer's
+    # product with the output's gradient (that of out.float().square().sum())
+    x_base_grad = torch.zeros_like(x)
+    if base == "weight":
+        x_base_grad = F.linear((2 * fused).flatten(0, 1), frozen.T).view_as(x).to(x.dtype)
+    dropped = fused_grads[0] == x_base_grad
+    assert (x.grad is None) and abs(dropped.float().mean() - p) < 0.15  # about p of x is dropped
+    # besides x (and a frozen base weight): the plain version keeps a dropped copy of x, the fused one only a one-byte
+    # mask (thresholds) or the dropped positions (gaps), nothing at p = 0
     assert any(t.is_floating_point() for t in plain_saved if t.data_ptr() != x.data_ptr())
     assert [t.dtype for t in fused_saved if t.data_ptr() != x.data_ptr()] == [torch.uint8] * (p > 0.1)
-    assert [t.numel() == int((fused_grads[0] == 0).sum()) for t in positions] == [True] * (0 < p <= 0.1)
+    assert [t.numel() == int(dropped.sum()) for t in positions] == [True] * (0 < p <= 0.1)
 
 
 def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
     """Under bf16 autocast attention's output and SwiGLU's are bfloat16: o_proj and down_proj take them so, and their
     adapters keep no float32 copy for backward, with the outputs and gradients of the float32 round trip (autocast
     casts back to bfloat16 before each product), bit for bit; B's product is added to the base output within the
-    product (addmm), as LowRank adds it."""
+    product (addmm), as LowRank adds it, and the adapter's gradient for x to the base layer's."""
     model = apply_lora(load_model(llama[0]), LoRAConfig(r=4, targets=ALL_LINEAR, dropout=0.0)).train()
     randomize_lora(model)
     block, seen = model.layers[0], {}
@@ -261,8 +274,15 @@ def test_under_autocast_a_bfloat16_input_reaches_the_adapter_as_it_is(llama):
         expected = torch.addmm(layer.base(x).flatten(0, 1), low_rank.flatten(0, 1), B.T).view_as(ours)
     assert not [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape]
     assert torch.equal(ours, expected)
-    for a, b in zip(torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)):
+    ours_grads, expected_grads = torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(expected, (x, A, B), grad)
+    for a, b in zip(ours_grads[1:], expected_grads[1:]):
         assert torch.equal(a, b)
+    # x's gradient: the base layer's (its bfloat16 weight) with the adapter's added within the product
+    rows = grad.flatten(0, 1)
+    grad_low_rank = (rows @ B.to(torch.bfloat16)) * layer.scaling
+    expected_x = torch.addmm(rows @ layer.base.weight.to(torch.bfloat16), grad_low_rank, A.to(torch.bfloat16))
+    assert torch.equal(ours_grads[0], expected_x.view_as(x))
+    assert not torch.equal(ours_grads[0], expected_grads[0])  # autograd's sums the two products' rounded results
 
 
 def test_under_autocast_a_frozen_weight_is_cast_once_while_it_is_unchanged(llama, monkeypatch):
