@@ -5,8 +5,10 @@
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --lora_dropouts 0.05 --compile
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --repeats 3
 
-`--repeats N` runs the sides of each row N times, taking turns, and reports each side's best tokens/s and largest
-peak RSS: on a shared 2-core machine one run of a side can be 20-25% off another's with nothing changed.
+`--repeats N` runs the sides of each row N times, taking turns (and the rows of one mode and precision, the LoRA
+dropouts, take turns with each other), and reports each side's best tokens/s and largest peak RSS: on a shared 2-core
+machine one run of a side can be 20-25% off another's with nothing changed. The last column is what a LoRA dropout
+costs litllm: its tokens/s and peak RSS against its own run at the first dropout listed (0 by default).
 
 `--compile` adds a third run per row: litllm trained as `--train.compile true` does (each block under torch.compile;
 the compile happens in the untimed warm-up steps).
@@ -187,11 +189,13 @@ def main() -> None:
                                            torch.float16 if precision.startswith("16") else torch.float32):
                     skipped.append(f"{mode}, {precision}: {reason}")
                     continue
-                for dropout in map(float, args.lora_dropouts.split(",") if mode == "lora" else ["0"]):
-                    columns = [(side, False) for side in SIDES] + ([("litllm", True)] if args.compile else [])
-                    repeats = [[run_worker(args, side, mode, precision, dropout, batches, compile)
-                                for side, compile in columns] for _ in range(args.repeats)]
-                    runs = [best_of(list(side_runs)) for side_runs in zip(*repeats)]
+                dropouts = [float(p) for p in args.lora_dropouts.split(",")] if mode == "lora" else [0.0]
+                columns = [(side, False) for side in SIDES] + ([("litllm", True)] if args.compile else [])
+                # the rows of one precision take turns too: the dropout rows then compare runs made at the same time
+                repeats = [[[run_worker(args, side, mode, precision, dropout, batches, compile)
+                             for side, compile in columns] for dropout in dropouts] for _ in range(args.repeats)]
+                for i, dropout in enumerate(dropouts):
+                    runs = [best_of(list(side_runs)) for side_runs in zip(*(repeat[i] for repeat in repeats))]
                     rows.append((mode if mode == "full" else f"lora, dropout {dropout:g}", precision, *runs))
                     print(rows[-1], file=sys.stderr)
 
@@ -199,14 +203,18 @@ def main() -> None:
     header = ["mode", "precision", *(f"{side} tok/s" for side in sides), "speed-up",
               *(["speed-up compiled"] if args.compile else []), *(f"{side} peak RSS GB" for side in sides),
               "RSS litllm/transformers", *(["RSS compiled/transformers"] if args.compile else []),
-              *(f"{side} loss" for side in sides)]
+              *(f"{side} loss" for side in sides), "litllm against the first dropout: tok/s, RSS GB"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    first = {}  # (mode, precision) -> litllm's run at the first dropout listed
     for mode, precision, hf, *ours in rows:
+        base = first.setdefault((mode.split(",")[0], precision), ours[0])
         cells = [mode, precision, *(f"{run['tokens_per_sec']:.1f}" for run in (hf, *ours)),
                  *(f"{run['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x" for run in ours),
                  *(f"{run['peak_rss_gb']:.2f}" for run in (hf, *ours)),
                  *(f"{run['peak_rss_gb'] / hf['peak_rss_gb']:.2f}" for run in ours),
-                 *(f"{run['loss']:.4f}" for run in (hf, *ours))]
+                 *(f"{run['loss']:.4f}" for run in (hf, *ours)),
+                 "" if base is ours[0] else f"{ours[0]['tokens_per_sec'] / base['tokens_per_sec'] - 1:+.1%}, "
+                                            f"{ours[0]['peak_rss_gb'] - base['peak_rss_gb']:+.2f}"]
         lines.append(f"| {' | '.join(cells)} |")
     lines += [""] + skipped if skipped else []
     table = "\n".join(lines)
