@@ -12,9 +12,10 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "litllm"
 
 # what the task scripts stand on; none of it may import a task
-LIBRARY = {"litllm", "litllm.errors", "litllm.config", "litllm.model", "litllm.checkpoint", "litllm.tokenizer",
-           "litllm.lora", "litllm.lora_dropout", "litllm.quantize", "litllm.decode", "litllm.batching", "litllm.api",
-           "litllm.reward", "litllm.rewards", "litllm.cli", "litllm.files", "litllm.data", "litllm.training"}
+LIBRARY = {"litllm", "litllm.errors", "litllm.config", "litllm.model", "litllm.rope", "litllm.checkpoint",
+           "litllm.tokenizer", "litllm.lora", "litllm.lora_dropout", "litllm.quantize", "litllm.decode",
+           "litllm.batching", "litllm.api", "litllm.reward", "litllm.rewards", "litllm.cli", "litllm.files",
+           "litllm.data", "litllm.training"}
 # the commands; they may import each other's helpers (convert.to_gguf uses convert.from_gguf's name tables)
 TASKS = {"litllm.finetune", "litllm.pretrain", "litllm.generate", "litllm.evaluate", "litllm.serve",
          "litllm.convert", "litllm.tokenizer_tools", "litllm.cp", "litllm.download"}

@@ -170,7 +170,7 @@ def test_rope_equals_transformers_bit_for_bit_with_gradients(dtype):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from litllm.model import RotaryEmbedding, apply_rope
+    from litllm.rope import RotaryEmbedding, apply_rope
 
     config = Config(n_layers=1, hidden_size=64, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=32)
     hf_config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=config.rope_theta)

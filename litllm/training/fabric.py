@@ -20,7 +20,8 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from litllm.checkpoint import load_model, warn_if_slow_on_cpu, weight_sources
 from litllm.config import Config
 from litllm.errors import UserError
-from litllm.model import GPT, rope_frequencies
+from litllm.model import GPT
+from litllm.rope import rope_frequencies
 from litllm.training.args import LoggerName, OptimizerName, Strategy
 
 
