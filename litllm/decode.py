@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from litllm import checkpoint
 from litllm.errors import UserError
-from litllm.model import GPT, linear, onednn_product, plain_linear
+from litllm.model import GPT, cpu_vendor, linear, onednn_product, plain_linear
 
 
 def column_major_weights(model: GPT) -> None:
@@ -37,6 +37,9 @@ class RowBlockLinear(torch.nn.Linear):
     of products over row blocks (torch.bmm), each thread streams its own block: 1 row 1.7-1.8x, 8 rows 1.7x, 64 rows
     1.2x the plain product's speed there; at 1024 rows the two are even. Each output is the same dot product either
     way (in_features is not split), so the values equal F.linear's but for the kernels' summation order.
+
+    Not on Intel CPUs, where MKL's product of one row streams with every thread itself, and faster than row blocks
+    (2-core Intel Xeon, SmolLM2's decode shapes: 24-28 against 20-26 GB/s; greedy decoding 3-4% faster).
     """
 
     max_rows = 256
@@ -113,9 +116,9 @@ def pack_weight(layer: torch.nn.Linear, shared: bool) -> None:
 
 def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.nn.Linear]:
     """Give `model`'s CPU nn.Linear layers (LoRA's base and adapter layers too) the faster forward for inference, in
-    place: float32 ones RowBlockLinear; bfloat16/float16 ones HalfLinear where this CPU's half products are slow, and
-    bfloat16 ones PackedLinear where they are fast (not with `pack=False`, for a model that trains, nor a LoRA
-    layer's, whose weights it reads itself). The same modules and parameters (tied weights stay tied), only their
+    place: float32 ones RowBlockLinear (not on Intel CPUs); bfloat16/float16 ones HalfLinear where this CPU's half
+    products are slow, and bfloat16 ones PackedLinear where they are fast (not with `pack=False`, for a model that
+    trains, nor a LoRA layer's, whose weights it reads itself). The same modules and parameters (tied weights stay tied), only their
     forward changes, and a packed layer's weight its layout. Returns the layers it changed."""
     from litllm.lora import LoRALinear
 
@@ -138,7 +141,7 @@ def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.n
 
 def _inference_kind(dtype: torch.dtype) -> type[torch.nn.Linear] | None:
     if dtype == torch.float32:
-        return RowBlockLinear
+        return None if cpu_vendor() == "GenuineIntel" else RowBlockLinear
     if dtype in (torch.bfloat16, torch.float16) and checkpoint.cpu_matmul_slowdown(dtype) >= checkpoint.SLOW:
         return HalfLinear
     if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -254,8 +257,8 @@ def sample_continuations(
     times, and the `n` rows decode in one batch until each has reached a stop id (kept, last) or `max_new_tokens`.
 
     The draws depend only on the model and `generator`, so a seeded generator gives the same continuations again.
-    On CPU in float32 the linear layers compute in row blocks meanwhile (row_blocks: GRPO's rollouts of 8 answers
-    1.2-1.3x faster with 2 threads, benchmarks/RESULTS.md).
+    On CPU in float32 the linear layers compute in row blocks meanwhile (row_blocks; but on Intel CPUs: GRPO's
+    rollouts of 8 answers 1.2-1.3x faster with 2 threads on an AMD EPYC, benchmarks/RESULTS.md).
     """
     check_sampling(temperature, top_k, top_p)
     max_new_tokens = check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)

@@ -272,11 +272,17 @@ def onednn_float32() -> bool:
     fine-tuning step ~12% (benchmarks/RESULTS.md). Intel CPUs, where MKL uses AVX-512 itself, keep MKL."""
     if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
+    return cpu_vendor() == "AuthenticAMD"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux names it ("GenuineIntel", "AuthenticAMD", ...); "" where it cannot tell (not Linux)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
-    except OSError:  # not Linux
-        return False
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import litllm.decode
 from litllm import LLM
 from litllm.checkpoint import load_model
 from litllm.decode import (HalfLinear, PackedLinear, RowBlockLinear, generate_tokens, inference_linears,
@@ -26,7 +27,9 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm2_dir):
-    return LLM.load(smollm2_dir)
+    with pytest.MonkeyPatch.context() as patch:  # row blocks on any CPU, as off Intel's (see RowBlockLinear)
+        patch.setattr(litllm.decode, "cpu_vendor", lambda: "AuthenticAMD")
+        return LLM.load(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,9 @@ def test_inference_linears_compute_a_few_float32_rows_in_blocks_and_keep_the_par
     model.head.weight = model.embed.weight  # tied, as a tied lm_head
     inputs = [torch.randn(shape, generator=generator) for shape in [(1, 1, 64), (2, 5, 64), (1, 257, 64)]]
     expected = {name: [model[name](x) for x in inputs] for name in ("proj", "head")}
+    monkeypatch.setattr(litllm.decode, "cpu_vendor", lambda: "GenuineIntel")  # MKL's own one-row product is faster
+    assert inference_linears(model) == []
+    monkeypatch.setattr(litllm.decode, "cpu_vendor", lambda: "AuthenticAMD")
     inference_linears(model)
     assert type(model.proj) is RowBlockLinear and model.head.weight is model.embed.weight
     bmm_calls = []
@@ -114,6 +120,7 @@ def test_sampling_from_a_lora_model_runs_in_row_blocks_and_gives_the_layers_back
             param.data.normal_(0, 0.2)  # adapters that change the answers
     prompt = Tokenizer(tiny_chat_model_dir).encode_chat([{"role": "user", "content": "Say something."}])
     greedy = list(generate_tokens(model, prompt, 6))  # plain layers
+    monkeypatch.setattr(litllm.decode, "cpu_vendor", lambda: "AuthenticAMD")  # row blocks (not on Intel CPUs)
     bmm_calls = []
     bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(args[1].shape) or bmm(*args))
@@ -130,6 +137,7 @@ def test_half_linears_multiply_many_rows_in_float32_on_a_cpu_without_fast_half_p
     model = nn.ModuleDict({"fp16": nn.Linear(64, 96).half(), "bf16": nn.Linear(64, 96, bias=False).bfloat16(),
                            "fp32": nn.Linear(64, 96)})
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
+    monkeypatch.setattr(litllm.decode, "cpu_vendor", lambda: "AuthenticAMD")  # float32 in row blocks
     assert [type(layer) for layer in inference_linears(model, pack=False)] == [RowBlockLinear]
     model.fp32.__class__ = nn.Linear
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 60.0)  # as on a 2-core AVX2 EPYC
