@@ -116,10 +116,10 @@ def pack_weight(layer: torch.nn.Linear, shared: bool) -> None:
 
 def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.nn.Linear]:
     """Give `model`'s CPU nn.Linear layers (LoRA's base and adapter layers too) the faster forward for inference, in
-    place: float32 ones RowBlockLinear (not on Intel CPUs); bfloat16/float16 ones HalfLinear where this CPU's half
+    place: float32 ones RowBlockLinear (except on Intel CPUs); bfloat16/float16 ones HalfLinear where this CPU's half
     products are slow, and bfloat16 ones PackedLinear where they are fast (not with `pack=False`, for a model that
-    trains, nor a LoRA layer's, whose weights it reads itself). The same modules and parameters (tied weights stay tied), only their
-    forward changes, and a packed layer's weight its layout. Returns the layers it changed."""
+    trains, nor a LoRA layer's, whose weights it reads itself). The same modules and parameters (tied weights stay
+    tied), only their forward changes, and a packed layer's weight its layout. Returns the layers it changed."""
     from litllm.lora import LoRALinear
 
     held = {id(layer) for module in model.modules() if isinstance(module, LoRALinear) for layer in module.modules()}
@@ -257,7 +257,7 @@ def sample_continuations(
     times, and the `n` rows decode in one batch until each has reached a stop id (kept, last) or `max_new_tokens`.
 
     The draws depend only on the model and `generator`, so a seeded generator gives the same continuations again.
-    On CPU in float32 the linear layers compute in row blocks meanwhile (row_blocks; but on Intel CPUs: GRPO's
+    On CPU in float32 (except on Intel CPUs) the linear layers compute in row blocks meanwhile (row_blocks: GRPO's
     rollouts of 8 answers 1.2-1.3x faster with 2 threads on an AMD EPYC, benchmarks/RESULTS.md).
     """
     check_sampling(temperature, top_k, top_p)
