@@ -187,8 +187,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                 continue
             if h.dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.T, h)  # summed into place: no (vocab, hidden) product apart
-            else:
-                grad_weight += grad_logits.T @ h  # summed in float32 without a float32 copy of the product
+            else:  # summed in float32 without a float32 copy of the product, which goes into a kept tensor
+                grad_weight += buffers.product(grad_logits.T, h)
     return total, grad_hidden, grad_weight
 
 
@@ -241,6 +241,11 @@ class ChunkBuffers:
         if temperature != 1.0:
             logits.div_(temperature)
         return torch.ops.aten._log_softmax.out(logits, -1, False, out=self._tensor("logprobs", logits.shape))
+
+    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b, into a kept tensor: a chunk's share of the output layer's weight gradient (SmolLM2: 57 MB bfloat16),
+        anew, took ~14 ms more a chunk (benchmarks/RESULTS.md)."""
+        return torch.mm(a, b, out=self._tensor("product", (a.size(0), b.size(1)), a.dtype))
 
     def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x if x.dtype == dtype else self._tensor("cast", x.shape, dtype).copy_(x)
