@@ -20,13 +20,17 @@ data/alpaca_demo.json with litllm's tokenizer and data pipeline (concatenated in
 position a target) and the identical tensors go to both sides. Each side runs in its own subprocess (`--worker`), so
 its peak RSS is its own. litllm trains through its real path (Fabric, the lora script's `next_token_loss`,
 `StepUnits`, `build_optimizer`);
-transformers through `model(input_ids, labels=labels).loss.backward()`. Prints one table and appends it to
+transformers through `model(input_ids, labels=labels).loss.backward()`. Each side with the memory settings its users
+get: litllm's scripts have glibc keep freed memory on CPU (`training.fabric.keep_freed_memory`), transformers runs
+with glibc's defaults; give both sides the same settings by running this under MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=2147483647 (which the notes then say). Prints one table and appends it to
 benchmarks/RESULTS.md (unless --no_append).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,6 +40,8 @@ from pathlib import Path
 
 import torch
 from common import append_results, machine, too_slow_here
+
+from litllm.training.fabric import GLIBC_MALLOC_ENV
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("transformers", "litllm")
@@ -63,11 +69,12 @@ def litllm_step(args):
     from litllm.finetune.lora import next_token_loss
     from litllm.lora import LoRAConfig, apply_lora
     from litllm.training.args import TrainArgs
-    from litllm.training.fabric import model_dtype
+    from litllm.training.fabric import keep_freed_memory, model_dtype
     from litllm.training.loop import StepUnits, build_optimizer, compile_blocks_for_training
     from litllm.training.losses import count_targets
 
     fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
+    keep_freed_memory()  # as setup_fabric on CPU
     model = load_model(args.checkpoint_dir, dtype=model_dtype(fabric))
     if args.mode == "lora":
         apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=args.dropout, targets=TARGETS))
@@ -230,7 +237,10 @@ def main() -> None:
               f"{args.repeats} run(s) per side taking turns (best tokens/s, largest peak RSS), loss the mean "
               f"over the timed steps; rows of {args.data.name} concatenated, every token a target, identical "
               f"batches on both sides; LoRA r=8 alpha=16 on {', '.join(TARGETS)}; AdamW lr {args.lr} "
-              "betas (0.9, 0.95), no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 autocast.",
+              "betas (0.9, 0.95), no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 autocast; "
+              + (f"both sides under {' '.join(f'{k}={os.environ[k]}' for k in GLIBC_MALLOC_ENV if k in os.environ)}"
+                 if any(k in os.environ for k in GLIBC_MALLOC_ENV) else
+                 "litllm keeping freed memory (keep_freed_memory), transformers with glibc's defaults") + ".",
     )
 
 
