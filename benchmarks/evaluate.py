@@ -47,7 +47,9 @@ def load_backend(backend: str, checkpoint_dir: Path, include_paths: list[Path], 
         _lm = HFLM(pretrained=str(checkpoint_dir), dtype="float32", device="cpu", batch_size=batch_size)
     else:
         from litllm.evaluate import LitLLM
+        from litllm.memory import keep_freed_memory
 
+        keep_freed_memory()  # as `litllm evaluate` on CPU
         _lm = LitLLM(checkpoint_dir, dtype="float32", device="cpu", batch_size=batch_size)
     _lm.seconds = 0.0
     for method in ("loglikelihood", "loglikelihood_rolling"):

@@ -21,7 +21,7 @@ position a target) and the identical tensors go to both sides. Each side runs in
 its peak RSS is its own. litllm trains through its real path (Fabric, the lora script's `next_token_loss`,
 `StepUnits`, `build_optimizer`);
 transformers through `model(input_ids, labels=labels).loss.backward()`. Each side with the memory settings its users
-get: litllm's scripts have glibc keep freed memory on CPU (`training.fabric.keep_freed_memory`), transformers runs
+get: litllm's scripts have glibc keep freed memory on CPU (`memory.keep_freed_memory`), transformers runs
 with glibc's defaults; give both sides the same settings by running this under MALLOC_MMAP_THRESHOLD_=1073741824
 MALLOC_TRIM_THRESHOLD_=2147483647 (which the notes then say). Prints one table and appends it to
 benchmarks/RESULTS.md (unless --no_append).
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from common import append_results, machine, too_slow_here
 
-from litllm.training.fabric import GLIBC_MALLOC_ENV
+from litllm.memory import GLIBC_MALLOC_ENV
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("transformers", "litllm")
@@ -69,7 +69,8 @@ def litllm_step(args):
     from litllm.finetune.lora import next_token_loss
     from litllm.lora import LoRAConfig, apply_lora
     from litllm.training.args import TrainArgs
-    from litllm.training.fabric import keep_freed_memory, model_dtype
+    from litllm.memory import keep_freed_memory
+    from litllm.training.fabric import model_dtype
     from litllm.training.loop import StepUnits, build_optimizer, compile_blocks_for_training
     from litllm.training.losses import count_targets
 

@@ -30,6 +30,7 @@ from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model,
 from litllm.decode import generate_tokens, inference_linears, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
+from litllm.memory import keep_freed_memory
 from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
 from litllm.training.losses import token_logprobs
@@ -397,6 +398,8 @@ def main(
         listing = f"lm-eval ls tasks --include_path {include_path}" if include_path else "lm-eval ls tasks"
         raise UserError(f"unknown task(s) {', '.join(unknown)}: list the tasks with `{listing}`"
                         + ("" if include_path else " (and give your own task YAMLs with --include_path DIR)"))
+    if parse_device(device).type == "cpu":  # each batch's logits are large new tensors: reuse the memory freed
+        keep_freed_memory()
     tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
     with _working_dir(include_path):
         results = simple_evaluate(

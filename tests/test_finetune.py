@@ -436,7 +436,7 @@ def test_logged_tokens_per_sec_is_the_rate_of_the_steps_since_the_last_log(monke
 
 KEEP_FREED_MEMORY = """
 import resource, torch
-from litllm.training.fabric import keep_freed_memory
+from litllm.memory import keep_freed_memory
 def faults(rounds):  # page faults in the last of `rounds` of four 64 MB tensors made, filled and freed
     for _ in range(rounds):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -450,10 +450,10 @@ print(faults(3), keep_freed_memory(), faults(8))
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
 @pytest.mark.parametrize("environment", [{}, {"MALLOC_TRIM_THRESHOLD_": "1"}], ids=["default", "user-settings"])
 def test_cpu_training_keeps_freed_memory_for_its_next_tensors(environment):
-    """After keep_freed_memory (setup_fabric calls it on CPU), large tensors freed and made again, as training steps
-    do, take the same pages back (no page faults) once the heap has settled (a few rounds), where by default each one
-    is mapped anew every time (a fault per 4 KiB page: 16384 per 64 MB). glibc settings the user made in the
-    environment are left alone."""
+    """After keep_freed_memory (setup_fabric and `litllm evaluate` call it on CPU), large tensors freed and made again,
+    as training steps do, take the same pages back (no page faults) once the heap has settled (a few rounds), where by
+    default each one is mapped anew every time (a fault per 4 KiB page: 16384 per 64 MB). glibc settings the user made
+    in the environment are left alone."""
     import os
 
     done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], env={**os.environ, **environment},

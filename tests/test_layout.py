@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "litllm"
 LIBRARY = {"litllm", "litllm.errors", "litllm.config", "litllm.model", "litllm.rope", "litllm.checkpoint",
            "litllm.tokenizer", "litllm.lora", "litllm.lora_dropout", "litllm.quantize", "litllm.decode",
            "litllm.batching", "litllm.api", "litllm.reward", "litllm.rewards", "litllm.cli", "litllm.files",
+           "litllm.memory",
            "litllm.data", "litllm.training"}
 # the commands; they may import each other's helpers (convert.to_gguf uses convert.from_gguf's name tables)
 TASKS = {"litllm.finetune", "litllm.pretrain", "litllm.generate", "litllm.evaluate", "litllm.serve",

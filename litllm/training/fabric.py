@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import copy
-import ctypes
 import importlib.util
 import itertools
-import os
-import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +20,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from litllm.checkpoint import load_model, warn_if_slow_on_cpu, weight_sources
 from litllm.config import Config
 from litllm.errors import UserError
+from litllm.memory import keep_freed_memory
 from litllm.model import GPT
 from litllm.rope import rope_frequencies
 from litllm.training.args import LoggerName, OptimizerName, Strategy
@@ -99,25 +97,6 @@ def setup_fabric(out_dir: Path, precision: str | None, logger: LoggerName, devic
     if fabric.global_rank == 0:
         warn_if_slow_on_cpu(half, fabric.device, "--precision 32-true")
     return fabric
-
-
-GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep the memory a process frees for its next allocations, as PyTorch's caching allocator
-    does on a GPU; returns whether it did. A CPU training step frees and allocates the same large tensors each time,
-    and by default glibc maps each allocation above 32 MB anew and gives freed memory at the top of its heap back, so
-    that every step writes to fresh pages, a page fault each 4 KiB, and by how much varies from step to step: SmolLM2
-    full fine-tuning in bf16-mixed took ~200 thousand a step, and a step ~1.8-3.1 s against ~1.55-1.65 s this way
-    once the heap has settled (a step or two), at the same peak RSS (benchmarks/RESULTS.md). Process-wide from the
-    call on: allocations up to 1 GiB come from the heap, which is given back only when 2 GiB of it are free. Not where
-    glibc's own settings are in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), nor
-    with another C library."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(map(os.environ.get, GLIBC_MALLOC_ENV)):
-        return False
-    mallopt = ctypes.CDLL(None).mallopt  # int mallopt(int param, int value); malloc.h's M_TRIM_THRESHOLD is -1,
-    return bool(mallopt(-3, 1 << 30) and mallopt(-1, 2**31 - 1))  # M_MMAP_THRESHOLD -3
 
 
 def metrics_logger(name: LoggerName, out_dir: Path):
