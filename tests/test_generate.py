@@ -160,49 +160,65 @@ def test_half_linears_multiply_many_rows_in_float32_on_a_cpu_without_fast_half_p
 
 
 PACKS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # where bfloat16 products are fast, prepacked weights
+PACKS = {torch.bfloat16: PACKS_BF16, torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
 
-@pytest.mark.skipif(not PACKS_BF16, reason="this CPU has no oneDNN bfloat16 products")
-def test_prepacked_bfloat16_layers_equal_the_plain_product(tiny_chat_model_dir, monkeypatch):
-    """On a CPU with fast bfloat16 products, inference keeps bfloat16 weights in oneDNN's layout: the same kernel as
-    F.linear's, so logits and tokens are the plain model's to the bit, compiled too; a tied weight stays the
-    embeddings' too, and LoRA layers, a model that trains (pack=False), keep their plain weights."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_prepacked_half_precision_layers_equal_the_plain_product(dtype, tiny_chat_model_dir, monkeypatch):
+    """On a CPU with fast bfloat16 (float16) products, inference keeps such weights in oneDNN's layout. bfloat16: the
+    same kernel as F.linear's, so logits and tokens are the plain model's to the bit, compiled too. float16: another
+    kernel than PyTorch's, so each output is held to the exact product (float64's) within float32's error bound and
+    the final rounding, as F.linear's own is. Either way a tied weight stays the embeddings' too, and LoRA layers, a
+    model that trains (pack=False), keep their plain weights."""
     import litllm.checkpoint
+    from test_model import float32_error_bound
 
-    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 0.4)  # bfloat16 as fast as here
+    if not PACKS[dtype]:
+        pytest.skip(f"this CPU has no oneDNN {dtype} products")
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 0.4)  # half products as fast as here
     generator = torch.Generator().manual_seed(0)
     layers = nn.ModuleDict({"embed": nn.Embedding(33, 64), "proj": nn.Linear(64, 96), "head": nn.Linear(64, 33, False)})
     for param in layers.parameters():
         nn.init.normal_(param, generator=generator)
     layers.head.weight = layers.embed.weight
-    layers.bfloat16()
-    inputs = [torch.randn(shape, generator=generator).bfloat16() for shape in [(1, 1, 64), (2, 5, 64), (300, 64)]]
+    layers.to(dtype)
+    weights = {name: (layers[name].weight.clone(), layers[name].bias) for name in ("proj", "head")}
+    inputs = [torch.randn(shape, generator=generator).to(dtype) for shape in [(1, 1, 64), (2, 5, 64), (300, 64)]]
     expected = {name: [layers[name](x) for x in inputs] for name in ("proj", "head")}
     assert [type(layer) for layer in inference_linears(layers)] == [PackedLinear, PackedLinear]
     assert layers.proj.weight.is_mkldnn and layers.head.weight is layers.embed.weight  # one copy; tied stays tied
     for name, outputs in expected.items():
+        weight, bias = weights[name]
         for x, output in zip(inputs, outputs):
-            assert torch.equal(layers[name](x), output)
+            if dtype == torch.bfloat16:
+                assert torch.equal(layers[name](x), output)
+                continue
+            exact = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+            bound = float32_error_bound(x, weight.T, bias) * (1 + 2**-11) + exact.abs() * 2**-11 + 2**-25
+            assert ((output.double() - exact).abs() <= bound).all()  # F.linear's own, as the bound means it
+            assert ((layers[name](x).double() - exact).abs() <= bound).all()
     with torch.inference_mode():  # --compile true decodes through the same product, an op of its own there
-        assert torch.equal(torch.compile(layers.proj)(inputs[1]), expected["proj"][1])
+        assert torch.equal(torch.compile(layers.proj)(inputs[1]), layers.proj(inputs[1]))
 
-    plain = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
-    packed = load_model(tiny_chat_model_dir, dtype=torch.bfloat16)
+    plain = load_model(tiny_chat_model_dir, dtype=dtype)
+    packed = load_model(tiny_chat_model_dir, dtype=dtype)
     inference_linears(packed)
     assert type(packed.layers[0].attn.q_proj) is PackedLinear
     prompt = Tokenizer(tiny_chat_model_dir).encode_chat(CHATS[0])
-    assert torch.equal(packed(torch.tensor([prompt])), plain(torch.tensor([prompt])))
-    assert list(generate_tokens(packed, prompt, 8)) == list(generate_tokens(plain, prompt, 8))
+    if dtype == torch.bfloat16:
+        assert torch.equal(packed(torch.tensor([prompt])), plain(torch.tensor([prompt])))
+        assert list(generate_tokens(packed, prompt, 8)) == list(generate_tokens(plain, prompt, 8))
 
-    lora = apply_lora(load_model(tiny_chat_model_dir, dtype=torch.bfloat16), LoRAConfig(r=4))
+    lora = apply_lora(load_model(tiny_chat_model_dir, dtype=dtype), LoRAConfig(r=4))
     assert inference_linears(lora) == [lora.lm_head] and inference_linears(plain, pack=False) == []
     assert all(plain_linear(module) for name, module in lora.named_modules()
                if isinstance(module, nn.Linear) and name != "lm_head")
 
 
 def test_greedy_float16_generation_equals_transformers(smollm2_dir):
-    """In float16 on a CPU without fast half products (this one), LLM.load's layers multiply the prompt in float32
-    and each decode step's row in float16 (HalfLinear); the tokens are still transformers' float16 ones."""
+    """In float16, whichever product LLM.load's layers take on this CPU (HalfLinear's where half products are slow:
+    the prompt in float32, each decode step's row in float16; oneDNN's prepacked one where they are fast; PyTorch's
+    otherwise), the tokens are transformers' float16 ones."""
     from transformers import AutoModelForCausalLM
 
     llm = LLM.load(smollm2_dir, dtype="float16")
