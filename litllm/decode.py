@@ -80,7 +80,7 @@ class PackedLinear(torch.nn.Linear):
     43 rows (a prompt) 1.2-1.4x, 256 rows even; the same kernel, so the results are F.linear's to the bit. Likewise
     float16 weights on a CPU with AVX512-FP16, where PyTorch's own product is another kernel (sums in float32 both,
     in another order: each within float32's error bound of the exact product); SmolLM2's greedy decoding on a 2-core
-    Intel Xeon 30.0-30.8 -> 32.9-34.1 tok/s, the same tokens (benchmarks/RESULTS.md).
+    Intel Xeon 29.7-30.3 -> 33.7-35.8 tok/s, the same tokens (benchmarks/RESULTS.md).
 
     `weight` is then the packed tensor (a torch._mkldnn tensor: shape and dtype as before, no strides), unless other
     modules read it too (an lm_head tied to the embeddings): then it stays as it was, beside a packed copy."""
@@ -120,8 +120,8 @@ def pack_weight(layer: torch.nn.Linear, shared: bool) -> None:
 def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.nn.Linear]:
     """Give `model`'s CPU nn.Linear layers (LoRA's base and adapter layers too) the faster forward for inference, in
     place: float32 ones RowBlockLinear (except on Intel CPUs); bfloat16/float16 ones HalfLinear where this CPU's half
-    products are slow, and bfloat16/float16 ones PackedLinear where they are fast (not with `pack=False`, for a model that
-    trains, nor a LoRA layer's, whose weights it reads itself). The same modules and parameters (tied weights stay
+    products are slow, and PackedLinear where they are fast (not with `pack=False`, for a model that trains, nor a
+    LoRA layer's, whose weights it reads itself). The same modules and parameters (tied weights stay
     tied), only their forward changes, and a packed layer's weight its layout. Returns the layers it changed."""
     from litllm.lora import LoRALinear
 
