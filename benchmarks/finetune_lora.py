@@ -10,8 +10,14 @@ dropouts, take turns with each other), and reports each side's best tokens/s and
 machine one run of a side can be 20-25% off another's with nothing changed. The last column is what a LoRA dropout
 costs litllm: its tokens/s and peak RSS against its own run at the first dropout listed (0 by default).
 
-`--compile` adds a third run per row: litllm trained as `--train.compile true` does (each block under torch.compile;
+`--compile` adds a run per row: litllm trained as `--train.compile true` does (each block under torch.compile;
 the compile happens in the untimed warm-up steps).
+
+`--same_allocator` adds a run per row: transformers(+PEFT) under litllm's allocator settings (glibc keeping freed
+memory, from its environment: memory.KEEP_FREED_MEMORY_ENV), and litllm's speed-up against that run. With glibc's
+defaults the reference's steps write to fresh pages, and what those page faults cost moves with the machine's state
+(on a 2-core Xeon, the same PEFT LoRA run 249 against 395 tok/s three hours apart, benchmarks/RESULTS.md): this column
+is litllm's speed apart from that.
 
 Modes: `lora` (r=8, alpha=16, all seven linear layers of every block, at each of --lora_dropouts: 0, and litllm's
 default 0.05, PEFT given the same) and `full` (every weight trained);
@@ -22,9 +28,9 @@ its peak RSS is its own. litllm trains through its real path (Fabric, the lora s
 `StepUnits`, `build_optimizer`);
 transformers through `model(input_ids, labels=labels).loss.backward()`. Each side with the memory settings its users
 get: litllm's scripts have glibc keep freed memory on CPU (`memory.keep_freed_memory`), transformers runs
-with glibc's defaults; give both sides the same settings by running this under MALLOC_MMAP_THRESHOLD_=1073741824
-MALLOC_TRIM_THRESHOLD_=2147483647 (which the notes then say). Prints one table and appends it to
-benchmarks/RESULTS.md (unless --no_append).
+with glibc's defaults (see --same_allocator); running this under MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=2147483647 gives every run those settings (which the notes then say). Prints one table and
+appends it to benchmarks/RESULTS.md (unless --no_append).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from pathlib import Path
 import torch
 from common import append_results, machine, too_slow_here
 
-from litllm.memory import GLIBC_MALLOC_ENV
+from litllm.memory import GLIBC_MALLOC_ENV, KEEP_FREED_MEMORY_ENV
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("transformers", "litllm")
@@ -142,13 +148,15 @@ def worker(args) -> None:
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
 
 
-def run_worker(args, side: str, mode: str, precision: str, dropout: float, batches: Path, compile: bool = False
-               ) -> dict:
+def run_worker(args, side: str, mode: str, precision: str, dropout: float, batches: Path, compile: bool = False,
+               kept_memory: bool = False) -> dict:
+    """One side's run in its own process; `kept_memory`: under litllm's allocator settings from the start."""
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--precision", precision,
                "--batches", str(batches), "--checkpoint_dir", str(args.checkpoint_dir),
                "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout)]
     command += ["--compile"] if compile else []
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes to the terminal
+    env = {**os.environ, **KEEP_FREED_MEMORY_ENV} if kept_memory else None
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # stderr (progress) to the terminal
     if done.returncode:
         raise SystemExit(f"the {side} worker failed ({mode}, {precision}): exit status {done.returncode}")
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
@@ -176,6 +184,8 @@ def main() -> None:
                         help="run each side this many times, taking turns; best tokens/s, largest peak RSS")
     parser.add_argument("--compile", action="store_true",
                         help="also run litllm with its blocks under torch.compile (--train.compile)")
+    parser.add_argument("--same_allocator", action="store_true",
+                        help="also run transformers(+PEFT) under litllm's allocator settings (see above)")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -198,27 +208,35 @@ def main() -> None:
                     skipped.append(f"{mode}, {precision}: {reason}")
                     continue
                 dropouts = [float(p) for p in args.lora_dropouts.split(",")] if mode == "lora" else [0.0]
-                columns = [(side, False) for side in SIDES] + ([("litllm", True)] if args.compile else [])
+                # (side, compiled, under litllm's allocator settings), in the order of `names` below
+                columns = [("transformers", False, False), ("litllm", False, False)]
+                columns += [("litllm", True, False)] if args.compile else []
+                columns += [("transformers", False, True)] if args.same_allocator else []
                 # the rows of one precision take turns too: the dropout rows then compare runs made at the same time
-                repeats = [[[run_worker(args, side, mode, precision, dropout, batches, compile)
-                             for side, compile in columns] for dropout in dropouts] for _ in range(args.repeats)]
+                repeats = [[[run_worker(args, side, mode, precision, dropout, batches, compile, kept_memory)
+                             for side, compile, kept_memory in columns] for dropout in dropouts]
+                            for _ in range(args.repeats)]
                 for i, dropout in enumerate(dropouts):
                     runs = [best_of(list(side_runs)) for side_runs in zip(*(repeat[i] for repeat in repeats))]
                     rows.append((mode if mode == "full" else f"lora, dropout {dropout:g}", precision, *runs))
                     print(rows[-1], file=sys.stderr)
 
-    sides = ["transformers(+PEFT)", "litllm"] + (["litllm compiled"] if args.compile else [])
-    header = ["mode", "precision", *(f"{side} tok/s" for side in sides), "speed-up",
-              *(["speed-up compiled"] if args.compile else []), *(f"{side} peak RSS GB" for side in sides),
+    names = ["transformers(+PEFT)", "litllm"] + (["litllm compiled"] if args.compile else [])
+    same = ["transformers(+PEFT), litllm's allocator"] if args.same_allocator else []
+    header = ["mode", "precision", *(f"{side} tok/s" for side in names + same), "speed-up",
+              *(["speed-up compiled"] if args.compile else []), *(["speed-up, same allocator"] if same else []),
+              *(f"{side} peak RSS GB" for side in names + same),
               "RSS litllm/transformers", *(["RSS compiled/transformers"] if args.compile else []),
-              *(f"{side} loss" for side in sides), "litllm against the first dropout: tok/s, RSS GB"]
+              *(f"{side} loss" for side in names), "litllm against the first dropout: tok/s, RSS GB"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     first = {}  # (mode, precision) -> litllm's run at the first dropout listed
-    for mode, precision, hf, *ours in rows:
+    for mode, precision, hf, *runs in rows:
+        ours, kept = runs[:len(names) - 1], runs[len(names) - 1:]  # litllm's runs; the reference's under its allocator
         base = first.setdefault((mode.split(",")[0], precision), ours[0])
-        cells = [mode, precision, *(f"{run['tokens_per_sec']:.1f}" for run in (hf, *ours)),
+        cells = [mode, precision, *(f"{run['tokens_per_sec']:.1f}" for run in (hf, *ours, *kept)),
                  *(f"{run['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x" for run in ours),
-                 *(f"{run['peak_rss_gb']:.2f}" for run in (hf, *ours)),
+                 *(f"{ours[0]['tokens_per_sec'] / run['tokens_per_sec']:.2f}x" for run in kept),
+                 *(f"{run['peak_rss_gb']:.2f}" for run in (hf, *ours, *kept)),
                  *(f"{run['peak_rss_gb'] / hf['peak_rss_gb']:.2f}" for run in ours),
                  *(f"{run['loss']:.4f}" for run in (hf, *ours)),
                  "" if base is ours[0] else f"{ours[0]['tokens_per_sec'] / base['tokens_per_sec'] - 1:+.1%}, "
@@ -241,7 +259,10 @@ def main() -> None:
               "betas (0.9, 0.95), no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 autocast; "
               + (f"both sides under {' '.join(f'{k}={os.environ[k]}' for k in GLIBC_MALLOC_ENV if k in os.environ)}"
                  if any(k in os.environ for k in GLIBC_MALLOC_ENV) else
-                 "litllm keeping freed memory (keep_freed_memory), transformers with glibc's defaults") + ".",
+                 "litllm keeping freed memory (keep_freed_memory), transformers with glibc's defaults")
+              + (", and in the column 'litllm's allocator' under "
+                 + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY_ENV.items()) if args.same_allocator else "")
+              + ".",
     )
 
 

@@ -6,6 +6,9 @@ import os
 import platform
 
 GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+MMAP_THRESHOLD, TRIM_THRESHOLD = 1 << 30, 2**31 - 1  # keep_freed_memory's settings (bytes)
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+"""The same settings for another process, as glibc reads them from its environment at start-up."""
 
 
 def keep_freed_memory() -> bool:
@@ -21,4 +24,4 @@ def keep_freed_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(map(os.environ.get, GLIBC_MALLOC_ENV)):
         return False
     mallopt = ctypes.CDLL(None).mallopt  # int mallopt(int param, int value); malloc.h's M_TRIM_THRESHOLD is -1,
-    return bool(mallopt(-3, 1 << 30) and mallopt(-1, 2**31 - 1))  # M_MMAP_THRESHOLD -3
+    return bool(mallopt(-3, MMAP_THRESHOLD) and mallopt(-1, TRIM_THRESHOLD))  # M_MMAP_THRESHOLD -3

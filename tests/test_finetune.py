@@ -448,19 +448,26 @@ print(faults(3), keep_freed_memory(), faults(8))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
-@pytest.mark.parametrize("environment", [{}, {"MALLOC_TRIM_THRESHOLD_": "1"}], ids=["default", "user-settings"])
+@pytest.mark.parametrize("environment", ["default", "user-settings", "KEEP_FREED_MEMORY_ENV"])
 def test_cpu_training_keeps_freed_memory_for_its_next_tensors(environment):
     """After keep_freed_memory (setup_fabric and `litllm evaluate` call it on CPU), large tensors freed and made again,
     as training steps do, take the same pages back (no page faults) once the heap has settled (a few rounds), where by
     default each one is mapped anew every time (a fault per 4 KiB page: 16384 per 64 MB). glibc settings the user made
-    in the environment are left alone."""
+    in the environment are left alone; KEEP_FREED_MEMORY_ENV (benchmarks give it to the reference) does from the
+    process's start what the call does."""
     import os
 
-    done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], env={**os.environ, **environment},
+    from litllm.memory import KEEP_FREED_MEMORY_ENV
+
+    settings = {"default": {}, "user-settings": {"MALLOC_TRIM_THRESHOLD_": "1"},
+                "KEEP_FREED_MEMORY_ENV": KEEP_FREED_MEMORY_ENV}[environment]
+    done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], env={**os.environ, **settings},
                           capture_output=True, text=True, check=True)
-    before, kept, after = done.stdout.split()
-    assert int(before) >= 4 * 16384  # the default: every 64 MB tensor on fresh pages
-    if environment:
-        assert kept == "False" and int(after) >= 4 * 16384
-    else:
-        assert kept == "True" and int(after) < 1000
+    before, kept, after = (int(n) if n.isdigit() else n for n in done.stdout.split())
+    fresh_pages = 4 * 16384  # every 64 MB tensor on fresh pages
+    if environment == "default":
+        assert (before >= fresh_pages, kept, after < 1000) == (True, "True", True)
+    elif environment == "user-settings":
+        assert (before >= fresh_pages, kept, after >= fresh_pages) == (True, "False", True)
+    else:  # fewer fresh pages than the default's from the first rounds on (the heap still settling), none once settled
+        assert (before < fresh_pages, kept, after < 1000) == (True, "False", True)
