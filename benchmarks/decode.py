@@ -1,6 +1,10 @@
 """Greedy decode tokens/s: litllm vs transformers' `generate`, same checkpoint, prompt, dtype and machine.
 
     python benchmarks/decode.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    python benchmarks/decode.py --device cuda --dtypes bfloat16,float16
+
+Both sides run on --device (default: cuda when available); each token comes back to Python as it is chosen, so the
+timings hold the GPU's work.
 
 Where `llama_cpp` (llama-cpp-python) is importable, the same prompt also runs through llama.cpp on the checkpoint
 exported by `litllm convert to_gguf` in f16, the CPU inference anchor (and the table says when it is not).
@@ -70,7 +74,7 @@ def time_llama_cpp(checkpoint_dir: Path, prompt_ids: list[int], new_tokens: int,
 
 @torch.inference_mode()
 def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per side")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -91,9 +96,9 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).eval()
-        eager = LLM.load(args.checkpoint_dir, dtype=dtype)
-        compiled = LLM.load(args.checkpoint_dir, dtype=dtype, compile=True)  # as `--compile true` loads it
+        hf = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).to(args.device).eval()
+        eager = LLM.load(args.checkpoint_dir, dtype=dtype, device=args.device)
+        compiled = LLM.load(args.checkpoint_dir, dtype=dtype, device=args.device, compile=True)  # as `--compile true`
         time_transformers(hf, prompt_ids, 8), time_litllm(eager, prompt_ids, 8)  # warm-up
         compile_seconds = time_litllm(compiled, prompt_ids, 8)[0]  # compiles the decode step
         runs = []
@@ -116,7 +121,9 @@ def main() -> None:
     for name, _, hf_tps, tps, ratio, ctps, cratio, compile_s, same, same_compiled in rows:
         lines.append(f"| {name} | {hf_tps:.1f} | {tps:.1f} | {ratio:.2f}x | {ctps:.1f} | {cratio:.2f}x | "
                      f"{compile_s:.0f} | {same} | {same_compiled} |")
-    if importlib.util.find_spec("llama_cpp") is None:
+    if args.device != "cpu":
+        lines.append(f"\nllama.cpp: not measured (the CPU anchor; this run is on {args.device})")
+    elif importlib.util.find_spec("llama_cpp") is None:
         lines.append("\nllama.cpp: not measured (llama_cpp, from the llama-cpp-python package, is not importable here)")
     else:
         seconds, tokens = time_llama_cpp(args.checkpoint_dir, prompt_ids, args.new_tokens, args.repeats)

@@ -4,6 +4,7 @@
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --steps 1 --warmup 0 --seq_len 32 --no_append
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --lora_dropouts 0.05 --compile
     python benchmarks/finetune_lora.py --modes lora --precisions 32-true --repeats 3
+    python benchmarks/finetune_lora.py --accelerator cuda --precisions bf16-true --batch_size 8 --seq_len 1024
 
 `--repeats N` runs the sides of each row N times, taking turns (and the rows of one mode and precision, the LoRA
 dropouts, take turns with each other), and reports each side's best tokens/s and largest peak RSS: on a shared 2-core
@@ -13,6 +14,9 @@ costs litllm: its tokens/s and peak RSS against its own run at the first dropout
 `--compile` adds a run per row: litllm trained as `--train.compile true` does (each block under torch.compile;
 the compile happens in the untimed warm-up steps).
 
+`--profile` has each side profile one more step, untimed, and print its costliest operators and how many operator calls
+(and GPU kernels) the step makes.
+
 `--same_allocator` adds a run per row: transformers(+PEFT) under litllm's allocator settings (glibc keeping freed
 memory, from its environment: memory.KEEP_FREED_MEMORY_ENV), and litllm's speed-up against that run. With glibc's
 defaults the reference's steps write to fresh pages, and what those page faults cost moves with the machine's state
@@ -21,21 +25,23 @@ is litllm's speed apart from that.
 
 Modes: `lora` (r=8, alpha=16, all seven linear layers of every block, at each of --lora_dropouts: 0, and litllm's
 default 0.05, PEFT given the same) and `full` (every weight trained);
-precisions: `32-true` and `bf16-mixed` (fp32 weights, bf16 autocast). The batches are built once from real rows of
-data/alpaca_demo.json with litllm's tokenizer and data pipeline (concatenated into batch_size x seq_len tokens, every
-position a target) and the identical tensors go to both sides. Each side runs in its own subprocess (`--worker`), so
-its peak RSS is its own. litllm trains through its real path (Fabric, the lora script's `next_token_loss`,
-`StepUnits`, `build_optimizer`);
-transformers through `model(input_ids, labels=labels).loss.backward()`. Each side with the memory settings its users
-get: litllm's scripts have glibc keep freed memory on CPU (`memory.keep_freed_memory`), transformers runs
-with glibc's defaults (see --same_allocator); running this under MALLOC_MMAP_THRESHOLD_=1073741824
-MALLOC_TRIM_THRESHOLD_=2147483647 gives every run those settings (which the notes then say). Prints one table and
-appends it to benchmarks/RESULTS.md (unless --no_append).
+precisions: `32-true`, `bf16-mixed` (fp32 weights, bf16 autocast) and `bf16-true` (bf16 weights, litllm's default on
+GPUs). `--accelerator cuda` runs both sides on the GPU and reports peak CUDA memory allocated instead of peak RSS.
+The batches are built once from real rows of data/alpaca_demo.json with litllm's tokenizer and data pipeline
+(concatenated into batch_size x seq_len tokens, every position a target) and the identical tensors go to both sides.
+Each side runs in its own subprocess (`--worker`), so its peak memory is its own. litllm trains through its real path
+(Fabric, the lora script's `next_token_loss`, `StepUnits`, `build_optimizer`); transformers through
+`model(input_ids, labels=labels).loss.backward()` and fused AdamW, the optimizer its Trainer defaults to. Each side
+with the memory settings its users get: litllm's scripts have glibc keep freed memory on CPU
+(`memory.keep_freed_memory`), transformers runs with glibc's defaults (see --same_allocator); running this under
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 gives every run those settings (which the notes
+then say). Prints one table and appends it to benchmarks/RESULTS.md (unless --no_append).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -80,8 +86,9 @@ def litllm_step(args):
     from litllm.training.loop import StepUnits, build_optimizer, compile_blocks_for_training
     from litllm.training.losses import count_targets
 
-    fabric = L.Fabric(devices=1, accelerator="cpu", precision=args.precision)
-    keep_freed_memory()  # as setup_fabric on CPU
+    fabric = L.Fabric(devices=1, accelerator=args.accelerator, precision=args.precision)
+    if args.accelerator == "cpu":
+        keep_freed_memory()  # as setup_fabric
     model = load_model(args.checkpoint_dir, dtype=model_dtype(fabric))
     if args.mode == "lora":
         apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=args.dropout, targets=TARGETS))
@@ -108,7 +115,9 @@ def transformers_step(args):
     """A function doing one optimizer step on a batch with a transformers model (+ PEFT adapters for LoRA)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=torch.float32)
+    device = torch.device(args.accelerator)
+    dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint_dir, dtype=dtype).to(device)
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -116,12 +125,13 @@ def transformers_step(args):
                                                  task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)  # as build_optimizer
+    # fused, as build_optimizer and as transformers' Trainer by default (optim "adamw_torch_fused")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     bf16 = args.precision == "bf16-mixed"
 
     def step(batch: dict) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -130,22 +140,50 @@ def transformers_step(args):
     return step
 
 
+def peak_memory_gb(accelerator: str) -> float:
+    """This process's peak RSS on CPU (model loading included); on a GPU, the peak CUDA memory allocated."""
+    if accelerator == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def print_profile(args, step, batch) -> None:
+    """One optimizer step under torch.profiler: the operators taking the most time (on a GPU: the GPU's time) and how
+    many operator calls and GPU kernels the step makes, to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.accelerator == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(batch)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    aten_calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"{args.worker} {args.mode} {args.precision} profile: {aten_calls} aten calls, {kernels} GPU kernels\n"
+          + events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20),
+          file=sys.stderr)
+
+
 def worker(args) -> None:
-    """Load one side, run warm-up then timed steps, print one JSON line: tokens/s, peak RSS, mean timed loss."""
+    """Load one side, run warm-up then timed steps, print one JSON line: tokens/s, peak memory, mean timed loss."""
     torch.manual_seed(0)
     batches = torch.load(args.batches, weights_only=True)
     step = (litllm_step if args.worker == "litllm" else transformers_step)(args)
     seconds, losses = 0.0, []
     for i, batch in enumerate(batches):
+        if args.profile and i == len(batches) - 1:  # the last step, untimed: the profiler's own cost would count
+            print_profile(args, step, batch)
+            break
         start = time.perf_counter()
         loss = step(batch)
         if i >= args.warmup:
             seconds += time.perf_counter() - start
             losses.append(loss)
         print(f"{args.worker} {args.mode} {args.precision} step {i}: loss {loss:.4f}", file=sys.stderr)
-    tokens = sum(batch["input_ids"].numel() for batch in batches[args.warmup:])
+    tokens = sum(batch["input_ids"].numel() for batch in batches[args.warmup:len(batches) - args.profile])
+    nonfinite = [i for i, loss in enumerate(losses, args.warmup) if not math.isfinite(loss)]
     print(json.dumps({"tokens_per_sec": tokens / seconds, "loss": sum(losses) / len(losses),
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
+                      "first_nonfinite_step": nonfinite[0] if nonfinite else None,
+                      "peak_rss_gb": peak_memory_gb(args.accelerator)}))
 
 
 def run_worker(args, side: str, mode: str, precision: str, dropout: float, batches: Path, compile: bool = False,
@@ -153,7 +191,9 @@ def run_worker(args, side: str, mode: str, precision: str, dropout: float, batch
     """One side's run in its own process; `kept_memory`: under litllm's allocator settings from the start."""
     command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--precision", precision,
                "--batches", str(batches), "--checkpoint_dir", str(args.checkpoint_dir),
-               "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout)]
+               "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout),
+               "--accelerator", args.accelerator]
+    command += ["--profile"] if args.profile else []
     command += ["--compile"] if compile else []
     env = {**os.environ, **KEEP_FREED_MEMORY_ENV} if kept_memory else None
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # stderr (progress) to the terminal
@@ -165,6 +205,7 @@ def run_worker(args, side: str, mode: str, precision: str, dropout: float, batch
 def best_of(runs: list[dict]) -> dict:
     """One side's repeated runs as one: the best tokens/s, the largest peak RSS, the loss (equal in every run)."""
     return {"tokens_per_sec": max(run["tokens_per_sec"] for run in runs), "loss": runs[0]["loss"],
+            "first_nonfinite_step": runs[0]["first_nonfinite_step"],
             "peak_rss_gb": max(run["peak_rss_gb"] for run in runs)}
 
 
@@ -186,6 +227,10 @@ def main() -> None:
                         help="also run litllm with its blocks under torch.compile (--train.compile)")
     parser.add_argument("--same_allocator", action="store_true",
                         help="also run transformers(+PEFT) under litllm's allocator settings (see above)")
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="each side profiles one more step (untimed): its costliest operators, to stderr")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -199,7 +244,8 @@ def main() -> None:
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         batches = Path(tmp) / "batches.pt"
-        data = build_batches(args.checkpoint_dir, args.data, args.warmup + args.steps, args.batch_size, args.seq_len)
+        data = build_batches(args.checkpoint_dir, args.data, args.warmup + args.steps + args.profile, args.batch_size,
+                             args.seq_len)
         torch.save(data, batches)
         for mode in args.modes.split(","):
             for precision in args.precisions.split(","):
@@ -221,13 +267,14 @@ def main() -> None:
                     rows.append((mode if mode == "full" else f"lora, dropout {dropout:g}", precision, *runs))
                     print(rows[-1], file=sys.stderr)
 
+    memory, short = ("peak RSS", "RSS") if args.accelerator == "cpu" else ("peak CUDA memory", "memory")
     names = ["transformers(+PEFT)", "litllm"] + (["litllm compiled"] if args.compile else [])
     same = ["transformers(+PEFT), litllm's allocator"] if args.same_allocator else []
     header = ["mode", "precision", *(f"{side} tok/s" for side in names + same), "speed-up",
               *(["speed-up compiled"] if args.compile else []), *(["speed-up, same allocator"] if same else []),
-              *(f"{side} peak RSS GB" for side in names + same),
-              "RSS litllm/transformers", *(["RSS compiled/transformers"] if args.compile else []),
-              *(f"{side} loss" for side in names), "litllm against the first dropout: tok/s, RSS GB"]
+              *(f"{side} {memory} GB" for side in names + same),
+              f"{short} litllm/transformers", *([f"{short} compiled/transformers"] if args.compile else []),
+              *(f"{side} loss" for side in names), f"litllm against the first dropout: tok/s, {short} GB"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     first = {}  # (mode, precision) -> litllm's run at the first dropout listed
     for mode, precision, hf, *runs in rows:
@@ -238,7 +285,8 @@ def main() -> None:
                  *(f"{ours[0]['tokens_per_sec'] / run['tokens_per_sec']:.2f}x" for run in kept),
                  *(f"{run['peak_rss_gb']:.2f}" for run in (hf, *ours, *kept)),
                  *(f"{run['peak_rss_gb'] / hf['peak_rss_gb']:.2f}" for run in ours),
-                 *(f"{run['loss']:.4f}" for run in (hf, *ours)),
+                 *(f"{run['loss']:.4f}" if run["first_nonfinite_step"] is None else
+                   f"{run['loss']} (from step {run['first_nonfinite_step']})" for run in (hf, *ours)),
                  "" if base is ours[0] else f"{ours[0]['tokens_per_sec'] / base['tokens_per_sec'] - 1:+.1%}, "
                                             f"{ours[0]['peak_rss_gb'] - base['peak_rss_gb']:+.2f}"]
         lines.append(f"| {' | '.join(cells)} |")
@@ -251,12 +299,14 @@ def main() -> None:
         title=f"Fine-tuning, {args.checkpoint_dir.name}, batch {args.batch_size} x {args.seq_len} tokens",
         command="python " + " ".join(sys.argv),
         table=table,
-        notes=f"{machine()}; each side in its own process (peak RSS: that process's ru_maxrss, model loading "
-              f"included); {args.warmup} untimed then {args.steps} timed optimizer steps per side, "
-              f"{args.repeats} run(s) per side taking turns (best tokens/s, largest peak RSS), loss the mean "
+        notes=f"{machine()}; each side in its own process (" + ("peak RSS: that process's ru_maxrss, model loading "
+              "included" if args.accelerator == "cpu" else "peak CUDA memory: torch.cuda.max_memory_allocated") + "); "
+              f"{args.warmup} untimed then {args.steps} timed optimizer steps per side, "
+              f"{args.repeats} run(s) per side taking turns (best tokens/s, largest peak memory), loss the mean "
               f"over the timed steps; rows of {args.data.name} concatenated, every token a target, identical "
               f"batches on both sides; LoRA r=8 alpha=16 on {', '.join(TARGETS)}; AdamW lr {args.lr} "
-              "betas (0.9, 0.95), no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 autocast; "
+              "betas (0.9, 0.95), fused, no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 "
+              "autocast; bf16-true: bf16 weights; "
               + (f"both sides under {' '.join(f'{k}={os.environ[k]}' for k in GLIBC_MALLOC_ENV if k in os.environ)}"
                  if any(k in os.environ for k in GLIBC_MALLOC_ENV) else
                  "litllm keeping freed memory (keep_freed_memory), transformers with glibc's defaults")
