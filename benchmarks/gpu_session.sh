@@ -32,10 +32,6 @@ done
 stamp chat
 echo "Give three tips for staying healthy." \
   | timeout 60 python3 -m litllm chat "$work/m135" --adapter "$work/out-lora/final" --max_new_tokens 16 2>&1 | tail -2
-stamp "LoRA losses step by step at 8 x 1024 tokens (both sides were NaN here on 2026-12-04)"
-timeout 100 python3 benchmarks/finetune_lora.py --checkpoint_dir "$work/m135" --accelerator cuda --modes lora \
-  --precisions bf16-true --lora_dropouts 0 --batch_size 8 --seq_len 1024 --warmup 0 --steps 4 --no_append 2>&1 \
-  | grep -E "step [0-9]+:|^\|"
 stamp "fine-tuning, 135M shape, with a profile of one step per side"
 timeout 200 python3 benchmarks/finetune_lora.py --checkpoint_dir "$work/m135" --accelerator cuda --modes lora,full \
   --precisions bf16-true --batch_size 8 --seq_len 1024 --warmup 3 --steps 10 --profile --no_append 2>&1 \

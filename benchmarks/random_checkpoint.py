@@ -4,7 +4,8 @@ memory runs where the trained weights cannot go (a GPU machine that cannot reach
     python benchmarks/random_checkpoint.py --like checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --out /tmp/m135
     python benchmarks/random_checkpoint.py --like DIR --out /tmp/m1700 --shape smollm2-1.7b
 
-Tokens/s and memory are those of trained weights of the shape; losses start near ln(vocab size). --like is any
+Tokens/s and memory are those of trained weights of the shape; losses start near ln(vocab size). Every token's
+embedding is drawn, the padding token's too (see below). --like is any
 Llama-family checkpoint dir (config.json and tokenizer files; its weights are not read); --shape replaces its sizes
 with another model's of the same vocabulary. Weights are made on the GPU when there is one, saved in bfloat16.
 """
@@ -46,6 +47,14 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+        # transformers zeroes the padding token's embedding row; a sequence starting with that token (SmolLM2's pad is
+        # <|im_end|>, common in chat data) then has an all-zero residual stream at position 0, and RMSNorm's backward
+        # at zero (1 / sqrt(eps) per norm) sends its gradient to inf within a few layers: NaN losses with a frozen
+        # embedding (LoRA, litllm's and PEFT's alike), which trained weights never show
+        embedding = model.get_input_embeddings().weight
+        with torch.no_grad():
+            zero_rows = embedding.abs().sum(-1) == 0
+            embedding[zero_rows] = torch.randn_like(embedding[zero_rows]) * config.initializer_range
     model.save_pretrained(args.out)
     for name in TOKENIZER_FILES:
         if (args.like / name).exists():
