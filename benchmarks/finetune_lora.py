@@ -97,7 +97,7 @@ def litllm_step(args):
         compile_blocks_for_training(model)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model.parameters(), "AdamW", TrainArgs(lr=args.lr)))
-    chunk_size = TrainArgs().loss_chunk_size
+    chunk_size = args.loss_chunk_size or TrainArgs().loss_chunk_size
 
     def step(batch: dict) -> float:
         units = StepUnits(fabric, count_targets(batch))
@@ -159,8 +159,9 @@ def print_profile(args, step, batch) -> None:
     kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     aten_calls = sum(e.count for e in events if e.key.startswith("aten::"))
     print(f"{args.worker} {args.mode} {args.precision} profile: {aten_calls} aten calls, {kernels} GPU kernels\n"
-          + events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20),
-          file=sys.stderr)
+          + events.table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+    if cuda:  # where the host's time goes (above) and where the GPU's does: a host-bound step shows in their totals
+        print(events.table(sort_by="self_cuda_time_total", row_limit=20), file=sys.stderr)
 
 
 def worker(args) -> None:
@@ -194,6 +195,7 @@ def run_worker(args, side: str, mode: str, precision: str, dropout: float, batch
                "--warmup", str(args.warmup), "--lr", str(args.lr), "--dropout", str(dropout),
                "--accelerator", args.accelerator]
     command += ["--profile"] if args.profile else []
+    command += ["--loss_chunk_size", str(args.loss_chunk_size)] if args.loss_chunk_size else []
     command += ["--compile"] if compile else []
     env = {**os.environ, **KEEP_FREED_MEMORY_ENV} if kept_memory else None
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # stderr (progress) to the terminal
@@ -231,6 +233,8 @@ def main() -> None:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true",
                         help="each side profiles one more step (untimed): its costliest operators, to stderr")
+    parser.add_argument("--loss_chunk_size", type=int,
+                        help="litllm's --train.loss_chunk_size (default: the scripts' default)")
     parser.add_argument("--no_append", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side in this process
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -307,6 +311,7 @@ def main() -> None:
               f"batches on both sides; LoRA r=8 alpha=16 on {', '.join(TARGETS)}; AdamW lr {args.lr} "
               "betas (0.9, 0.95), fused, no weight decay, no gradient clipping; bf16-mixed: fp32 weights, bf16 "
               "autocast; bf16-true: bf16 weights; "
+              + (f"litllm's loss in chunks of {args.loss_chunk_size} tokens; " if args.loss_chunk_size else "")
               + (f"both sides under {' '.join(f'{k}={os.environ[k]}' for k in GLIBC_MALLOC_ENV if k in os.environ)}"
                  if any(k in os.environ for k in GLIBC_MALLOC_ENV) else
                  "litllm keeping freed memory (keep_freed_memory), transformers with glibc's defaults")

@@ -120,7 +120,7 @@ class LoRALinear(nn.Module):
         if self.dropout == 0 or not self.training:
             base_result = result if self.base.bias is None else result - self.base.bias  # reuse base(x): W x
         else:  # dropout applies to W x too here, so W x is recomputed on the dropped input
-            drops = SHARED_DRAW.drops_for(x, self.dropout, id(self.lora_A.weight))
+            drops = SHARED_DRAW.drops_for(x, self.dropout, self.lora_A.weight)
             x = without_drops(x, drops) / kept_fraction(self.dropout, x.device)
             base_result = F.linear(x, weight)
         return (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
@@ -170,7 +170,7 @@ class LowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, p, base_out, base_weight=None, base_bias=None):
-        drops = SHARED_DRAW.drops_for(x, p, id(lora_A))
+        drops = SHARED_DRAW.drops_for(x, p, lora_A)
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
         scale = scaling / kept_fraction(p, x.device)

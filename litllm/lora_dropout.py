@@ -99,22 +99,31 @@ class SharedDraw:
     def __init__(self) -> None:
         self.source: tuple | None = None  # (a weak reference to x, x's version, p)
         self.drops: torch.Tensor | None = None
-        self.users: set[int] = set()  # the layers (their A's id) that have taken the draw
+        self.users: set[int] = set()  # the layers (their A weight's id) that have taken the draw
         self.copy_of: tuple | None = None  # (a weak reference to the drops, the dropped copy) made last
 
+    def drops_for(self, x: torch.Tensor, p: float, layer: torch.Tensor) -> torch.Tensor | None:
+        """The drops (draw_drops's) for the layer whose A weight is `layer` reading x: the draw the last layer that
+        read this x took, or a new one. At p = 0 nothing, which torch.compile traces through: compiled blocks without
+        dropout are one graph each."""
+        return None if p == 0 else self._drops_for(x, p, layer)
+
     @torch.compiler.disable  # run as is under torch.compile: the same draws as eager's
-    def drops_for(self, x: torch.Tensor, p: float, layer: int) -> torch.Tensor | None:
-        source = (x._version, p)
+    def _drops_for(self, x: torch.Tensor, p: float, layer: torch.Tensor) -> torch.Tensor | None:
+        # the layer by its id taken here, out of the compiled graph: there torch.compile would guard on the object's
+        # identity and compile the forward again for each layer
+        source, layer = (x._version, p), id(layer)
         if self.source is None or self.source[0]() is not x or self.source[1:] != source or layer in self.users:
             self.source, self.drops, self.users = (weakref.ref(x), *source), draw_drops(x, p), set()
         self.users.add(layer)
         return self.drops
 
-    @torch.compiler.disable
     def dropped(self, x: torch.Tensor, drops: torch.Tensor | None) -> torch.Tensor:
         """without_drops(x, drops), the copy made last reused while it is of these drops."""
-        if drops is None:
-            return x
+        return x if drops is None else self._dropped(x, drops)
+
+    @torch.compiler.disable
+    def _dropped(self, x: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
         if self.copy_of is None or self.copy_of[0]() is not drops:
             self.copy_of = (weakref.ref(drops), without_drops(x, drops))
         return self.copy_of[1]

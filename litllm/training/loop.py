@@ -99,7 +99,8 @@ def compile_blocks_for_training(model: nn.Module) -> None:
 
     One compiled function serves every block (the block is its argument), so the compile costs one block's, twice:
     the first block's input needs no gradient (frozen embeddings), the others' do. LoRA dropout draws outside the
-    compiled graphs (lora_dropout.SharedDraw), in eager's order: losses equal eager's from the same seed.
+    compiled graphs (lora_dropout.SharedDraw), in eager's order: losses equal eager's from the same seed. Each draw is
+    a graph break; without dropout a block is one graph.
     """
     forward = type(model.layers[0]).forward
     compiled = torch.compile(forward)
