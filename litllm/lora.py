@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from litllm.checkpoint import hf_to_litllm, litllm_to_hf
 from litllm.errors import UserError
-from litllm.lora_dropout import SHARED_DRAW, add_without_drops, kept_fraction, lora_dropout, without_drops
+from litllm.lora_dropout import SHARED_DRAW, add_without_drops, keep_mask, kept_fraction, lora_dropout, without_drops
 from litllm.model import Linear, autocast_weight, linear, plain_linear
 from litllm.quantize import dequantize_weight
 
@@ -84,6 +84,7 @@ class LoRALinear(nn.Module):
         else:
             self.lora_magnitude_vector = None
         self.enabled = True
+        self.drawn: torch.Tensor | None = None  # the next forward's dropout mask, drawn ahead (draw_block_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -93,15 +94,15 @@ class LoRALinear(nn.Module):
             # base layer's (in the product, with no tensor or autograd node of its own)
             weight = autocast_weight(self.base.weight)
             return LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, None, weight,
-                                 self.base.bias)
+                                 self.base.bias, self.drawn)
         result = self.base(x)
         if self.lora_magnitude_vector is not None or not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # (under autocast the products cast x themselves: no round trip)
         if self.lora_magnitude_vector is not None:
             return (result + self._dora_extra(x, result)).to(result.dtype)
         if self.training:  # backward's products in the order that is fast for rank r, added into result (LowRank)
-            return LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, result
-                                 ).to(result.dtype)
+            return LowRank.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, result,
+                                 None, None, self.drawn).to(result.dtype)
         # scaled in rank space (r columns, not out_features): the same product, fewer multiplications
         return (result + self.lora_B(self.lora_A(x) * self.scaling)).to(result.dtype)
 
@@ -120,7 +121,7 @@ class LoRALinear(nn.Module):
         if self.dropout == 0 or not self.training:
             base_result = result if self.base.bias is None else result - self.base.bias  # reuse base(x): W x
         else:  # dropout applies to W x too here, so W x is recomputed on the dropped input
-            drops = SHARED_DRAW.drops_for(x, self.dropout, self.lora_A.weight)
+            drops = SHARED_DRAW.drops_for(x, self.dropout, self.lora_A.weight) if self.drawn is None else self.drawn
             x = without_drops(x, drops) / kept_fraction(self.dropout, x.device)
             base_result = F.linear(x, weight)
         return (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
@@ -165,12 +166,14 @@ class LowRank(torch.autograd.Function):
       (add_without_drops): no (..., in) tensor for the adapter's part, no pass to add it, one autograd node per layer.
 
     The draw is dropout_mask's, as in plain_low_rank, so outputs and gradients equal that function's from the same
-    seed (and PEFT's, given the same masks) but for rounding. At p = 0 nothing is drawn.
+    seed (and PEFT's, given the same masks) but for rounding. At p = 0 nothing is drawn; `drops`, a mask drawn ahead
+    (draw_block_dropout), is taken as it is.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, p, base_out, base_weight=None, base_bias=None):
-        drops = SHARED_DRAW.drops_for(x, p, lora_A)
+    def forward(ctx, x, lora_A, lora_B, scaling, p, base_out, base_weight=None, base_bias=None, drops=None):
+        if drops is None:
+            drops = SHARED_DRAW.drops_for(x, p, lora_A)
         # dropout's 1 / (1 - p) applied in rank space (r columns), not to the input's: the same product, one pass
         # over x fewer (likewise in backward)
         scale = scaling / kept_fraction(p, x.device)
@@ -207,7 +210,34 @@ class LowRank(torch.autograd.Function):
             else:
                 grad_x = add_without_drops(linear(grad_out, base_weight.T), grad_low_rank, lora_A.to(dtype), drops)
             grad_x = grad_x.to(x.dtype).view(x.shape)
-        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, grad_out_of_sum, None, None
+        return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, grad_out_of_sum, None, None, None
+
+
+# the adapted layers of a block that read one input, in the order a forward reaches them: eager's draws (SharedDraw)
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def draw_block_dropout(block: nn.Module, x: torch.Tensor) -> None:
+    """Draw the dropout of a block's adapted layers before the block runs compiled (compile_blocks_for_training), for
+    the block's input x (..., hidden_size), and hand each layer its mask (LoRALinear.drawn); clear_block_dropout
+    takes them back after. The draws stay out of the compiled graph (see dropout_mask) without a graph break per
+    layer. Drawn in eager's order, one per input that layers share, from the same generator: the elements eager
+    training drops from the same seed, as 0/1 masks (keep_mask), whose shape is the same at every step (the dropped
+    positions eager keeps on CPU are as many as are drawn, a new shape to compile for at each step)."""
+    layers = {name.rsplit(".", 1)[-1]: layer for name, layer in block.named_modules() if isinstance(layer, LoRALinear)}
+    for names in SHARED_INPUTS:
+        readers = [layers[name] for name in names if name in layers and layers[name].dropout > 0]
+        if readers:
+            like = x.new_empty((*x.shape[:-1], readers[0].in_features))
+            mask = keep_mask(like, readers[0].dropout)
+            for layer in readers:
+                layer.drawn = mask
+
+
+def clear_block_dropout(block: nn.Module) -> None:
+    for layer in block.modules():
+        if isinstance(layer, LoRALinear):
+            layer.drawn = None
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:

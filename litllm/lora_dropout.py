@@ -120,7 +120,11 @@ class SharedDraw:
 
     def dropped(self, x: torch.Tensor, drops: torch.Tensor | None) -> torch.Tensor:
         """without_drops(x, drops), the copy made last reused while it is of these drops."""
-        return x if drops is None else self._dropped(x, drops)
+        if drops is None:
+            return x
+        if torch.compiler.is_compiling():  # a mask drawn ahead (lora.draw_block_dropout), in the graph
+            return without_drops(x, drops)
+        return self._dropped(x, drops)
 
     @torch.compiler.disable
     def _dropped(self, x: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:

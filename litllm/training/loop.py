@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from litllm.data import DataModule, TrainingDataset
 from litllm.errors import UserError
+from litllm.lora import clear_block_dropout, draw_block_dropout
 from litllm.tokenizer import Tokenizer
 from litllm.training.args import OptimizerName, TrainArgs
 from litllm.training.fabric import data_parallel
@@ -98,15 +99,21 @@ def compile_blocks_for_training(model: nn.Module) -> None:
     shapes and arguments) would each compile again, and decoding step by step recompile; they stay as they were.
 
     One compiled function serves every block (the block is its argument), so the compile costs one block's, twice:
-    the first block's input needs no gradient (frozen embeddings), the others' do. LoRA dropout draws outside the
-    compiled graphs (lora_dropout.SharedDraw), in eager's order: losses equal eager's from the same seed. Each draw is
-    a graph break; without dropout a block is one graph.
+    the first block's input needs no gradient (frozen embeddings), the others' do. LoRA dropout is drawn before each
+    compiled block, outside its graph, in eager's order (lora.draw_block_dropout): losses equal eager's from the same
+    seed, and each block is one graph.
     """
     forward = type(model.layers[0]).forward
     compiled = torch.compile(forward)
 
-    def compiled_when_training(block: nn.Module, *args, **kwargs) -> torch.Tensor:
-        return (compiled if block.training and torch.is_grad_enabled() else forward)(block, *args, **kwargs)
+    def compiled_when_training(block: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not (block.training and torch.is_grad_enabled()):
+            return forward(block, x, *args, **kwargs)
+        draw_block_dropout(block, x)
+        try:
+            return compiled(block, x, *args, **kwargs)
+        finally:
+            clear_block_dropout(block)
 
     for block in model.layers:
         # bound, so a deep copy of the model (checkpoint saving makes some) calls its own blocks
