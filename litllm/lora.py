@@ -228,7 +228,7 @@ def draw_block_dropout(block: nn.Module, x: torch.Tensor) -> None:
     for names in SHARED_INPUTS:
         readers = [layers[name] for name in names if name in layers and layers[name].dropout > 0]
         if readers:
-            like = x.new_empty((*x.shape[:-1], readers[0].in_features))
+            like = x.new_empty((*x.shape[:-1], readers[0].in_features), dtype=torch.bool)  # its shape and device
             mask = keep_mask(like, readers[0].dropout)
             for layer in readers:
                 layer.drawn = mask
