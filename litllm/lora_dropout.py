@@ -42,9 +42,9 @@ def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     - otherwise each 64-bit draw makes four uniform 16-bit numbers, each compared with p's threshold: ~1 ns per element
       on a 2-core CPU.
 
-    Under torch.compile the draws run outside the compiled graphs (SharedDraw): traced, a draw into an empty tensor was
-    miscompiled in training graphs on CPU (torch 2.13: inductor fused the reader, x * mask, into a kernel that ran
-    before the draw, and adapters fed by a norm silently stopped learning)."""
+    Under torch.compile the draws run outside the compiled graphs (lora.draw_block_dropout): traced, a draw into an
+    empty tensor was miscompiled in training graphs on CPU (torch 2.13: inductor fused the reader, x * mask, into a
+    kernel that ran before the draw, and adapters fed by a norm silently stopped learning)."""
     n = like.numel()
     if p <= GAPS_MAX_P and like.device.type == "cpu":
         keep = torch.ones(n, dtype=torch.bool)
@@ -104,8 +104,8 @@ class SharedDraw:
 
     def drops_for(self, x: torch.Tensor, p: float, layer: torch.Tensor) -> torch.Tensor | None:
         """The drops (draw_drops's) for the layer whose A weight is `layer` reading x: the draw the last layer that
-        read this x took, or a new one. At p = 0 nothing, which torch.compile traces through: compiled blocks without
-        dropout are one graph each."""
+        read this x took, or a new one. At p = 0 nothing, traceably: a compiled block without dropout calls nothing
+        that is compiler-disabled (with dropout, its layers take masks drawn ahead: lora.draw_block_dropout)."""
         return None if p == 0 else self._drops_for(x, p, layer)
 
     @torch.compiler.disable  # run as is under torch.compile: the same draws as eager's
