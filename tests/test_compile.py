@@ -14,8 +14,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 def test_compiled_lora_training_equals_eager_with_dropout(tiny_chat_model_dir, tmp_path):
     # LoRA's default dropout 0.05: compiled, its masks were once read before being drawn, and q/k/v's were merged
-    # into one (see lora_dropout.dropout_mask). Every example is longer than 32 tokens, so every batch has one shape and the
-    # blocks compile once.
+    # into one (see lora_dropout.dropout_mask); now they are drawn before each block (lora.draw_block_dropout). Every
+    # example is longer than 32 tokens, so every batch has one shape and the blocks compile once.
     args = ["--data", "JSON", "--data.json_path", DATA / "alpaca_demo.json", "--data.mask_prompt", "false",
             "--train.max_seq_length", "32",
             "--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--train.max_steps", "12",
