@@ -201,7 +201,12 @@ def run_worker(args, side: str, mode: str, precision: str, dropout: float, batch
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # stderr (progress) to the terminal
     if done.returncode:
         raise SystemExit(f"the {side} worker failed ({mode}, {precision}): exit status {done.returncode}")
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    # each run as it ends: a benchmark stopped at a time limit (a GPU session's) still leaves the runs it finished
+    print(f"{side}{' compiled' if compile else ''}{' (litllm allocator)' if kept_memory else ''}, {mode}, "
+          f"{precision}, dropout {dropout:g}: {result['tokens_per_sec']:.1f} tok/s, {result['peak_rss_gb']:.2f} GB, "
+          f"loss {result['loss']:.4f}", file=sys.stderr)
+    return result
 
 
 def best_of(runs: list[dict]) -> dict:
