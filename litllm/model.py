@@ -238,10 +238,14 @@ def frozen_autocast_copy(weight: torch.Tensor) -> torch.Tensor:
     (LoRA's base layers) again in every forward, where it casts a trained one once per autocast region: each step
     a new bfloat16 copy of the whole base model. A copy is kept only from a forward that records gradients, whose
     backward keeps the same copies until each layer's gradient (so peak memory stays the same); a forward without
-    gradients (a reference model's, generation) uses a kept copy but keeps no new one."""
+    gradients (a reference model's, generation) uses a kept copy but keeps no new one. Under torch.compile a plain
+    cast, in the graph: Dynamo cannot read the kept copies' dictionary, and broke each LoRA block's graph at every
+    adapted layer (SmolLM2 LoRA in bf16-mixed on a 2-core AMD EPYC: compiled 1.18x eager's tokens/s, was 1.01x)."""
     dtype = torch.get_autocast_dtype("cpu")
     if weight.requires_grad or weight.dtype != torch.float32 or dtype == torch.float32:
         return weight
+    if torch.compiler.is_compiling():
+        return weight.to(dtype)
     key = (weight.data_ptr(), weight._version, dtype)
     kept = _autocast_copies.get(weight)
     if kept is not None and kept[0] == key:

@@ -29,11 +29,13 @@ def test_compiled_lora_training_equals_eager_with_dropout(tiny_chat_model_dir, t
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_a_lora_block_compiles_into_one_graph(tmp_path, dropout):
+def test_a_lora_block_compiles_into_one_graph(tmp_path, dropout, autocast):
     # a graph break per adapted layer (each layer's dropout draw, once at p = 0 too) left torch.compile a graph per
     # layer and a forward recompiled per layer: on a GPU, compiled LoRA no faster than eager. The masks are drawn
     # before the block (draw_block_dropout, as compile_blocks_for_training does), in the graph they are inputs.
+    # Under CPU autocast the frozen weights' kept bfloat16 copies broke it too (frozen_autocast_copy).
     save_tiny_hf_model("llama", tmp_path)
     model = apply_lora(load_model(tmp_path), LoRAConfig(r=4, dropout=dropout)).train()
     block = model.layers[1]
@@ -41,6 +43,7 @@ def test_a_lora_block_compiles_into_one_graph(tmp_path, dropout):
     cos, signed_sin = model.rope(torch.arange(8), dtype=x.dtype)
     draw_block_dropout(block, x)
     assert all((layer.drawn is not None) == (dropout > 0) for layer in block.modules() if isinstance(layer, LoRALinear))
-    explanation = torch._dynamo.explain(type(block).forward)(block, x, cos, signed_sin, None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(type(block).forward)(block, x, cos, signed_sin, None, None)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
