@@ -7,20 +7,23 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import column_major_weights, generate_tokens, inference_linears, stream_text
+from litllm.decode import (column_major_weights, generate_tokens, inference_linears, one_row_kernel, one_row_steps,
+                           stream_text)
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
 
 
 class LLM:
-    def __init__(self, model: GPT, tokenizer: Tokenizer, checkpoint_dir: Path, compile: bool = False) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, checkpoint_dir: Path, compile: bool = False,
+                 one_row: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
         # one-token decode steps are many tiny ops: compiling fuses them (measured in benchmarks/decode.py);
         # the prompt's prefill stays eager, as its length changes from call to call
-        self.decode_step = torch.compile(model, dynamic=False) if compile else model
+        step = torch.compile(model, dynamic=False) if compile else model
+        self.decode_step = one_row_steps(step) if one_row else step
 
     @classmethod
     def load(
@@ -30,13 +33,16 @@ class LLM:
         device: torch.device | str | None = None,
         adapter: Path | str | None = None,
         compile: bool = False,
+        batched: bool = False,
     ) -> "LLM":
         """Load a Hugging Face model dir. dtype defaults to float32 on CPU and the checkpoint's dtype on GPU
         (CPU matmuls in bf16/fp16 are slower to train and less exact; GPUs want the half types).
 
         `adapter` is a LoRA adapter dir (PEFT format) for this checkpoint; it is merged into the weights, so
         decoding costs what the base model's does. `compile` compiles the decode step with torch.compile:
-        faster per token (most in bfloat16/float16), at a one-off cost of about a minute on a small CPU."""
+        faster per token (most in bfloat16/float16), at a one-off cost of about a minute on a small CPU. `batched`
+        is for decoding several sequences together (the server): products of a few rows, whose fastest CPU kernel
+        can differ from a single stream's (decode.one_row_kernel)."""
         checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         device = parse_device(device)
         model = load_model(checkpoint_dir, dtype=inference_dtype(dtype, device), device=device)
@@ -45,13 +51,15 @@ class LLM:
             load_adapter(model, adapter, base_checkpoint=checkpoint_dir)
             model = merge_lora(model)
         fuse_projections(model)
+        one_row = device.type == "cpu" and not batched and one_row_kernel(model.embed_tokens.weight.dtype)
         if compile and device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
             # column-major weights decode faster under compile (1.38-1.63x transformers on an AVX2 EPYC, against
             # 1.16-1.33x with row blocks)
             column_major_weights(model)
         else:
-            inference_linears(model)  # CPU: few-row products over all threads, and fast 16-bit ones where they are not
-        return cls(model, tokenizer, checkpoint_dir, compile=compile)
+            # CPU: few-row products over all threads, and fast 16-bit ones where they are not
+            inference_linears(model, pack=not one_row)
+        return cls(model, tokenizer, checkpoint_dir, compile=compile, one_row=one_row)
 
     def generate(
         self,

@@ -120,9 +120,10 @@ def pack_weight(layer: torch.nn.Linear, shared: bool) -> None:
 def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.nn.Linear]:
     """Give `model`'s CPU nn.Linear layers (LoRA's base and adapter layers too) the faster forward for inference, in
     place: float32 ones RowBlockLinear (except on Intel CPUs); bfloat16/float16 ones HalfLinear where this CPU's half
-    products are slow, and PackedLinear where they are fast (not with `pack=False`, for a model that trains, nor a
-    LoRA layer's, whose weights it reads itself). The same modules and parameters (tied weights stay
-    tied), only their forward changes, and a packed layer's weight its layout. Returns the layers it changed."""
+    products are slow, and PackedLinear where they are fast (not with `pack=False`: for a model that trains, or a
+    single stream where one_row_kernel holds; nor a LoRA layer's, whose weights it reads itself). The same modules
+    and parameters (tied weights stay tied), only their forward changes, and a packed layer's weight its layout.
+    Returns the layers it changed."""
     from litllm.lora import LoRALinear
 
     held = {id(layer) for module in model.modules() if isinstance(module, LoRALinear) for layer in module.modules()}
@@ -140,6 +141,41 @@ def inference_linears(model: torch.nn.Module, pack: bool = True) -> list[torch.n
                 module.__class__ = kind
             layers.append(module)
     return layers
+
+
+def one_row_kernel(dtype: torch.dtype) -> bool:
+    """Whether a single stream decodes faster in `dtype` with plain weights, each one-token step under onednn_off,
+    than with PackedLinear's: bfloat16 on AMD CPUs with AVX512-BF16. PyTorch sends every bfloat16 product to oneDNN
+    while oneDNN is enabled; disabled, a one-row product takes PyTorch's own matrix-vector kernel, which streams the
+    weights faster there. On a 2-core AMD EPYC (Zen 4), a SmolLM2 decode step's 121 one-row products take 8.4-9.0 ms
+    against 11.6 ms packed, and greedy decoding is ~30% faster eager and 21-46% compiled (benchmarks/RESULTS.md).
+
+    That kernel is for one row only: with 2-8 rows (a server decoding a few requests together) plain weights are
+    1.3-1.7x slower than packed, so only a single stream (LLM) takes it. A prompt's prefill stays on oneDNN, with the
+    plain weights reordered per call: 1.3x packed's time at 43 rows, 5-8% more from 256 rows. Intel CPUs keep packed
+    weights (not measured there)."""
+    return dtype == torch.bfloat16 and _inference_kind(dtype) is PackedLinear and cpu_vendor() == "AuthenticAMD"
+
+
+@contextmanager
+def onednn_off() -> Iterator[None]:
+    """PyTorch's own CPU kernels in place of oneDNN's for a while (see one_row_kernel). The switch is process-wide:
+    meanwhile another thread's bfloat16 products take PyTorch's kernels too, which are slower for many rows and sum
+    in another order (both in float32)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def one_row_steps(step: Callable) -> Callable:
+    """`step` (a model, or its compiled form) with each call under onednn_off: the one-token steps of a single stream."""
+    def run(*args, **kwargs):
+        with onednn_off():
+            return step(*args, **kwargs)
+    return run
 
 
 def _inference_kind(dtype: torch.dtype) -> type[torch.nn.Linear] | None:
@@ -235,10 +271,10 @@ def generate_tokens(
     try:
         input_pos = torch.arange(len(prompt_ids), device=device)
         logits = prefill(model, torch.tensor([prompt_ids], device=device), input_pos)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
             yield int(token)
-            if int(token) in stop_ids:
+            if int(token) in stop_ids or step + 1 == max_new_tokens:  # no step for a token that will not be sampled
                 return
             input_pos = input_pos[-1:] + 1
             logits = decode_step(token.view(1, 1), input_pos)[:, -1]

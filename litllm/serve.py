@@ -494,7 +494,7 @@ def main(
         print(f"warning: {host} is reachable from other machines and no API key is set, so anyone who can reach it "
               "can use the model; set LITLLM_API_KEY or --api_key_file", file=sys.stderr)
     check_port_is_free(host, port)
-    llm = LLM.load(checkpoint_dir, dtype=dtype, device=device, adapter=adapter)
+    llm = LLM.load(checkpoint_dir, dtype=dtype, device=device, adapter=adapter, batched=True)
     max_seq_len = min(max_seq_len, llm.model.config.max_seq_len)
     scheduler = Scheduler(llm.model, max_batch_size, max_seq_len, max_queue, queue_timeout)
     model_name = llm.checkpoint_dir.resolve().name

@@ -215,6 +215,51 @@ def test_prepacked_half_precision_layers_equal_the_plain_product(dtype, tiny_cha
                if isinstance(module, nn.Linear) and name != "lm_head")
 
 
+def test_a_single_stream_decodes_bfloat16_steps_with_pytorchs_kernel_and_a_batched_llm_packs(tiny_chat_model_dir,
+                                                                                            monkeypatch):
+    """Where one_row_kernel holds (bfloat16 on an AMD CPU with fast bfloat16 products), LLM keeps plain weights and
+    runs each one-token step with oneDNN off, the prompt with it on; a batched LLM (the server's) packs its weights.
+    oneDNN is on again after every step, one that fails too. The one-row kernel's products are the exact ones
+    (float64's) within float32's error bound and bfloat16's final rounding."""
+    import litllm.checkpoint
+    from test_model import float32_error_bound
+
+    if not PACKS_BF16:
+        pytest.skip("this CPU has no oneDNN bfloat16 products")
+    monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # fast bfloat16 products
+    monkeypatch.setattr(litllm.decode, "cpu_vendor", lambda: "AuthenticAMD")
+    single, batched = LLM.load(tiny_chat_model_dir, dtype="bf16"), LLM.load(tiny_chat_model_dir, dtype="bf16",
+                                                                            batched=True)
+    linears = [module for module in single.model.modules() if isinstance(module, nn.Linear)]
+    assert all(plain_linear(layer) for layer in linears)
+    assert all(type(layer) is PackedLinear for layer in batched.model.modules() if isinstance(layer, nn.Linear))
+
+    calls = []
+    down_proj = single.model.layers[0].mlp.down_proj
+    down_proj.register_forward_pre_hook(lambda _, args: calls.append((args[0].shape[1], torch.backends.mkldnn.enabled)))
+    prompt = single.tokenizer.encode_chat(CHATS[0])
+    assert len(list(generate_tokens(single.model, prompt, 4, decode_step=single.decode_step))) == 4
+    assert calls == [(len(prompt), True)] + [(1, False)] * 3 and torch.backends.mkldnn.enabled
+
+    def fails(*args):
+        assert not torch.backends.mkldnn.enabled
+        raise RuntimeError("a failing step")
+
+    with pytest.raises(RuntimeError, match="a failing step"):
+        litllm.decode.one_row_steps(fails)()
+    assert torch.backends.mkldnn.enabled
+
+    generator = torch.Generator().manual_seed(0)
+    for layer in linears:
+        x = torch.randn(1, 1, layer.in_features, generator=generator).to(torch.bfloat16)
+        with litllm.decode.onednn_off(), torch.inference_mode():
+            output = layer(x).double()
+        bias = None if layer.bias is None else layer.bias.double()
+        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), bias)
+        bound = float32_error_bound(x, layer.weight.T, layer.bias) * (1 + 2**-8) + exact.abs() * 2**-8 + 2**-133
+        assert ((output - exact).abs() <= bound).all()
+
+
 def test_greedy_float16_generation_equals_transformers(smollm2_dir):
     """In float16, whichever product LLM.load's layers take on this CPU (HalfLinear's where half products are slow:
     the prompt in float32, each decode step's row in float16; oneDNN's prepacked one where they are fast; PyTorch's
@@ -247,7 +292,7 @@ def test_half_precision_training_on_a_cpu_without_fast_kernels_is_warned_about(t
         "warning: bfloat16 matrix products run 60x slower than float32 on this CPU (measured just now); --precision "
         "32-true is faster here"]
     monkeypatch.setattr(litllm.checkpoint, "cpu_matmul_slowdown", lambda dtype: 1.5)  # a CPU with fast kernels
-    llm = LLM.load(tiny_chat_model_dir, dtype="bf16")
+    llm = LLM.load(tiny_chat_model_dir, dtype="bf16", batched=True)
     assert type(llm.model.layers[0].mlp.down_proj) is (PackedLinear if PACKS_BF16 else nn.Linear)
     setup_fabric(tmp_path, "bf16-mixed", "csv")
     assert "warning" not in capsys.readouterr().err
