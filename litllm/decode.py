@@ -171,7 +171,7 @@ def onednn_off() -> Iterator[None]:
 
 
 def one_row_steps(step: Callable) -> Callable:
-    """`step` (a model, or its compiled form) with each call under onednn_off: the one-token steps of a single stream."""
+    """`step` (a model, or its compiled form) with each call under onednn_off: a single stream's one-token steps."""
     def run(*args, **kwargs):
         with onednn_off():
             return step(*args, **kwargs)

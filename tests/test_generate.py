@@ -260,6 +260,18 @@ def test_a_single_stream_decodes_bfloat16_steps_with_pytorchs_kernel_and_a_batch
         assert ((output - exact).abs() <= bound).all()
 
 
+def test_compiled_decoding_equals_eager_as_the_kv_cache_length_changes(tiny_chat_model_dir):
+    """--compile true: a longer prompt, whose KV cache is longer, compiles the step again rather than running the one
+    compiled for the shorter cache (torch.compile's guards on the cache's shape; with none, this fails)."""
+    compiled, eager = LLM.load(tiny_chat_model_dir, compile=True), LLM.load(tiny_chat_model_dir)
+    short = compiled.tokenizer.encode("The capital of France is")
+    long = compiled.tokenizer.encode(" ".join(["a tale of two cities"] * 60))
+    assert len(short) + 8 <= 256 < len(long) + 8  # KV caches of 256 and 512 positions
+    for prompt in (short, long, short):
+        ours = list(generate_tokens(compiled.model, prompt, 8, decode_step=compiled.decode_step))
+        assert ours == list(generate_tokens(eager.model, prompt, 8)) and len(ours) == 8
+
+
 def test_greedy_float16_generation_equals_transformers(smollm2_dir):
     """In float16, whichever product LLM.load's layers take on this CPU (HalfLinear's where half products are slow:
     the prompt in float32, each decode step's row in float16; oneDNN's prepacked one where they are fast; PyTorch's
