@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import (column_major_weights, generate_tokens, inference_linears, one_row_kernel, one_row_steps,
-                           stream_text)
+from litllm.decode import (OneTokenStep, column_major_weights, generate_tokens, inference_linears, one_row_kernel,
+                           one_row_steps, stream_text)
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
@@ -20,9 +20,13 @@ class LLM:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
-        # one-token decode steps are many tiny ops: compiling fuses them (measured in benchmarks/decode.py);
-        # the prompt's prefill stays eager, as its length changes from call to call
-        step = torch.compile(model, dynamic=False) if compile else model
+        # one-token decode steps are many tiny ops: compiling fuses them (measured in benchmarks/decode.py), and on
+        # a CPU, eager, OneTokenStep runs them without the modules' Python overhead; the prompt's prefill stays
+        # eager and the model's own, as its length changes from call to call
+        if compile:
+            step = torch.compile(model, dynamic=False)
+        else:
+            step = OneTokenStep(model) if model.embed_tokens.weight.device.type == "cpu" else model
         self.decode_step = one_row_steps(step) if one_row else step
 
     @classmethod

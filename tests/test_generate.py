@@ -1,4 +1,5 @@
 """Decoding on the real SmolLM2 checkpoint against transformers' `generate`."""
+import contextlib
 from contextlib import contextmanager
 
 import pytest
@@ -234,9 +235,12 @@ def test_a_single_stream_decodes_bfloat16_steps_with_pytorchs_kernel_and_a_batch
     assert all(plain_linear(layer) for layer in linears)
     assert all(type(layer) is PackedLinear for layer in batched.model.modules() if isinstance(layer, nn.Linear))
 
-    calls = []
+    calls = []  # oneDNN's switch in the prompt's forward (the model's) and in each one-token step (OneTokenStep)
     down_proj = single.model.layers[0].mlp.down_proj
     down_proj.register_forward_pre_hook(lambda _, args: calls.append((args[0].shape[1], torch.backends.mkldnn.enabled)))
+    step = litllm.decode.OneTokenStep.__call__
+    monkeypatch.setattr(litllm.decode.OneTokenStep, "__call__",
+                        lambda *args: calls.append((1, torch.backends.mkldnn.enabled)) or step(*args))
     prompt = single.tokenizer.encode_chat(CHATS[0])
     assert len(list(generate_tokens(single.model, prompt, 4, decode_step=single.decode_step))) == 4
     assert calls == [(len(prompt), True)] + [(1, False)] * 3 and torch.backends.mkldnn.enabled
@@ -270,6 +274,34 @@ def test_compiled_decoding_equals_eager_as_the_kv_cache_length_changes(tiny_chat
     for prompt in (short, long, short):
         ours = list(generate_tokens(compiled.model, prompt, 8, decode_step=compiled.decode_step))
         assert ours == list(generate_tokens(eager.model, prompt, 8)) and len(ours) == 8
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral-sliding", "tied"])
+def test_the_one_token_step_gives_the_models_logits_to_the_bit(family, tmp_path):
+    """OneTokenStep, eager CPU decoding's step (LLM), against the model's own forward, after a prompt's prefill, as
+    LLM.load prepares the model (fused projections, inference layers) in each dtype: biases (Qwen2), per-head norms
+    (Qwen3), a sliding window the cache outgrows (Mistral's, 5 positions: the model's forward from there), tied
+    embeddings. Where one_row_kernel holds, bfloat16 steps run under onednn_off, as LLM runs them."""
+    from hf_models import save_tiny_hf_model
+
+    from litllm.decode import OneTokenStep, one_row_kernel, onednn_off, prefill
+    from litllm.model import fuse_projections
+
+    save_tiny_hf_model(family, tmp_path)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = load_model(tmp_path, dtype=dtype)
+        fuse_projections(model)
+        one_row = one_row_kernel(dtype)
+        inference_linears(model, pack=not one_row)
+        step, logits = OneTokenStep(model), []
+        for decode in (model, step):
+            with torch.inference_mode():
+                model.setup_kv_cache(batch_size=1, max_seq_len=16)
+                prefill(model, torch.tensor([[5, 17, 33]]), torch.arange(3))
+                for position in range(3, 10):
+                    with onednn_off() if one_row else contextlib.nullcontext():
+                        logits.append(decode(torch.tensor([[position * 7]]), torch.tensor([position])))
+        assert len(logits) == 14 and all(torch.equal(a, b) for a, b in zip(logits[:7], logits[7:])), dtype
 
 
 def test_greedy_float16_generation_equals_transformers(smollm2_dir):
