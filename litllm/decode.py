@@ -213,8 +213,8 @@ class OneTokenStep:
     small operators a layer besides its products, and their Python overhead is a large part of it: SmolLM2 in float16
     on a 2-core AMD EPYC, 17.6-18.8 against 15.8-16.5 ms a step (benchmarks/RESULTS.md). The model runs what this does
     not: a sliding window that the cache has outgrown (it needs a mask), autocast, layers that fuse_projections left
-    apart (LoRA, quantized). Built once, for a model whose layers no longer change (LLM's); hooks on its modules do not
-    run in these steps."""
+    apart (LoRA, quantized). Built once, for a model whose layers no longer change (LLM's, evaluate's); hooks on its
+    modules do not run in these steps."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model

@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import generate_tokens, inference_linears, stream_text
+from litllm.decode import OneTokenStep, generate_tokens, inference_linears, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
 from litllm.memory import keep_freed_memory
@@ -69,6 +69,7 @@ class LitLLM(TemplateLM):
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
         fuse_projections(self.model)
         inference_linears(self.model)
+        self.decode_step = OneTokenStep(self.model) if self._device.type == "cpu" else self.model  # generate_until's
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir
         self.adapter = adapter
@@ -270,7 +271,7 @@ class LitLLM(TemplateLM):
                                      temperature=kwargs["temperature"] if sampling else 0.0,
                                      top_k=kwargs.get("top_k") if sampling else None,
                                      top_p=kwargs.get("top_p", 1.0) if sampling else 1.0,
-                                     stop_ids=self.tokenizer.stop_ids)
+                                     stop_ids=self.tokenizer.stop_ids, decode_step=self.decode_step)
             text = "".join(stream_text(self.tokenizer, tokens, until))
             tokens.close()  # a stop string can end the text before the token stream ends: free the KV cache now
             outputs.append(text)
