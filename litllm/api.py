@@ -20,13 +20,10 @@ class LLM:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
-        # one-token decode steps are many tiny ops: compiling fuses them (measured in benchmarks/decode.py), and on
-        # a CPU, eager, OneTokenStep runs them without the modules' Python overhead; the prompt's prefill stays
+        # one-token decode steps are many tiny ops: compiling fuses them (measured in benchmarks/decode.py), and
+        # eager on a CPU, OneTokenStep runs them without the modules' Python overhead; the prompt's prefill stays
         # eager and the model's own, as its length changes from call to call
-        if compile:
-            step = torch.compile(model, dynamic=False)
-        else:
-            step = OneTokenStep(model) if model.embed_tokens.weight.device.type == "cpu" else model
+        step = torch.compile(model, dynamic=False) if compile else OneTokenStep(model)
         self.decode_step = one_row_steps(step) if one_row else step
 
     @classmethod

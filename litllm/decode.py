@@ -212,21 +212,23 @@ class OneTokenStep:
     nn.Module calls, the attribute lookups they make and the branches that other inputs need. A decode step is ~45
     small operators a layer besides its products, and their Python overhead is a large part of it: SmolLM2 in float16
     on a 2-core AMD EPYC, 17.6-18.8 against 15.8-16.5 ms a step (benchmarks/RESULTS.md). The model runs what this does
-    not: a sliding window that the cache has outgrown (it needs a mask), autocast, layers that fuse_projections left
-    apart (LoRA, quantized). Built once, for a model whose layers no longer change (LLM's, evaluate's); hooks on its
+    not: a model off the CPU, a sliding window that the cache has outgrown (it needs a mask), autocast, layers that
+    fuse_projections left apart (LoRA, quantized). Built once, for a model whose layers no longer change (LLM's, evaluate's); hooks on its
     modules do not run in these steps."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model
-        self.fused = all(block.attn.qkv_proj is not None and block.mlp.gate_up_proj is not None for block in model.layers)
+        # on CPU only: F.rms_norm's equality with RMSNorm is what was checked there
+        self.applies = model.embed_tokens.weight.device.type == "cpu" and all(
+            block.attn.qkv_proj is not None and block.mlp.gate_up_proj is not None for block in model.layers)
         self.layers = [(block.attn, block.attn_norm, _one_row_product(block.attn.qkv_proj),
                         _one_row_product(block.attn.o_proj), block.mlp_norm, _one_row_product(block.mlp.gate_up_proj),
-                        _one_row_product(block.mlp.down_proj)) for block in model.layers] if self.fused else []
+                        _one_row_product(block.mlp.down_proj)) for block in model.layers] if self.applies else []
         self.lm_head = _one_row_product(model.lm_head)
 
     def __call__(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         model, kv_len, window = self.model, int(input_pos) + 1, self.model.config.sliding_window
-        if not self.fused or (window is not None and kv_len > window) or torch.is_autocast_enabled(
+        if not self.applies or (window is not None and kv_len > window) or torch.is_autocast_enabled(
                 input_ids.device.type):
             return model(input_ids, input_pos)
         cos, signed_sin = model.rope(input_pos, dtype=model.embed_tokens.weight.dtype)

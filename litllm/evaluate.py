@@ -69,7 +69,7 @@ class LitLLM(TemplateLM):
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
         fuse_projections(self.model)
         inference_linears(self.model)
-        self.decode_step = OneTokenStep(self.model) if self._device.type == "cpu" else self.model  # generate_until's
+        self.decode_step = OneTokenStep(self.model)  # generate_until's
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir
         self.adapter = adapter
