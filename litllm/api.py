@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import (OneTokenStep, column_major_weights, generate_tokens, inference_linears, one_row_kernel,
-                           one_row_steps, stream_text)
+from litllm.decode import (OneTokenStep, column_major_weights, compiled_step, generate_tokens, inference_linears,
+                           one_row_kernel, one_row_steps, stream_text)
 from litllm.lora import load_adapter, merge_lora
 from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
@@ -23,7 +23,7 @@ class LLM:
         # one-token decode steps are many tiny ops: compiling fuses them (measured in benchmarks/decode.py), and
         # eager on a CPU, OneTokenStep runs them without the modules' Python overhead; the prompt's prefill stays
         # eager and the model's own, as its length changes from call to call
-        step = torch.compile(model, dynamic=False) if compile else OneTokenStep(model)
+        step = compiled_step(model) if compile else OneTokenStep(model)
         self.decode_step = one_row_steps(step) if one_row else step
 
     @classmethod

@@ -1,5 +1,7 @@
 """Decoding on the real SmolLM2 checkpoint against transformers' `generate`."""
 import contextlib
+import json
+import shutil
 from contextlib import contextmanager
 
 import pytest
@@ -9,7 +11,7 @@ import torch.nn as nn
 import litllm.decode
 from litllm import LLM
 from litllm.checkpoint import load_model
-from litllm.decode import (HalfLinear, PackedLinear, RowBlockLinear, generate_tokens, inference_linears,
+from litllm.decode import (HalfLinear, PackedLinear, RowBlockLinear, generate_tokens, inference_linears, prefill,
                            sample_continuations)
 from litllm.lora import LoRAConfig, apply_lora
 from litllm.model import plain_linear
@@ -274,6 +276,24 @@ def test_compiled_decoding_equals_eager_as_the_kv_cache_length_changes(tiny_chat
     for prompt in (short, long, short):
         ours = list(generate_tokens(compiled.model, prompt, 8, decode_step=compiled.decode_step))
         assert ours == list(generate_tokens(eager.model, prompt, 8)) and len(ours) == 8
+
+
+def test_compiled_steps_of_two_models_in_one_process_are_each_their_own(tiny_chat_model_dir, tmp_path):
+    """compiled_step checks no guards on the model's config or weights. Two models that differ only in what those
+    guards saw (rms_norm_eps here) each run graphs of their own, equal to their eager steps: a step's graphs are kept
+    on a code object of its own (with one shared, the second model runs the first's graph, and this fails)."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_chat_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    for llm in [LLM.load(directory, compile=True) for directory in (tiny_chat_model_dir, other)]:
+        with torch.inference_mode():
+            llm.model.setup_kv_cache(batch_size=1, max_seq_len=256)
+            prefill(llm.model, prompt, torch.arange(4))
+            token, position = torch.tensor([[5]]), torch.tensor([4])
+            torch.testing.assert_close(llm.decode_step(token, position), llm.model(token, position))
+            llm.model.clear_kv_cache()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral-sliding", "tied"])
