@@ -278,10 +278,15 @@ def test_compiled_decoding_equals_eager_as_the_kv_cache_length_changes(tiny_chat
         assert ours == list(generate_tokens(eager.model, prompt, 8)) and len(ours) == 8
 
 
-def test_compiled_steps_of_two_models_in_one_process_are_each_their_own(tiny_chat_model_dir, tmp_path):
+def test_compiled_steps_of_two_models_in_one_process_are_each_their_own(tiny_chat_model_dir, tmp_path, monkeypatch):
     """compiled_step checks no guards on the model's config or weights. Two models that differ only in what those
     guards saw (rms_norm_eps here) each run graphs of their own, equal to their eager steps: a step's graphs are kept
-    on a code object of its own (with one shared, the second model runs the first's graph, and this fails)."""
+    on a code object of its own (with one shared, the second model runs the first's graph, and this fails). The
+    filter does drop the parameters' guards and keeps the KV cache's (guard names are Dynamo's, not ours)."""
+    kept = {}
+    guard_filter = litllm.decode._no_guards_on_the_model_but_buffers
+    monkeypatch.setattr(litllm.decode, "_no_guards_on_the_model_but_buffers", lambda guards: [
+        kept.setdefault(guard.name, keep) for guard, keep in zip(guards, guard_filter(guards))])
     other = tmp_path / "other"
     shutil.copytree(tiny_chat_model_dir, other)
     config = json.loads((other / "config.json").read_text())
@@ -294,6 +299,9 @@ def test_compiled_steps_of_two_models_in_one_process_are_each_their_own(tiny_cha
             token, position = torch.tensor([[5]]), torch.tensor([4])
             torch.testing.assert_close(llm.decode_step(token, position), llm.model(token, position))
             llm.model.clear_kv_cache()
+    assert not any(keep for name, keep in kept.items() if "._parameters['weight']" in name)
+    assert all(keep for name, keep in kept.items() if "._modules['kv_cache']._buffers[" in name)
+    assert sum(1 for name in kept if "._modules['kv_cache']._buffers[" in name) == 2 * len(llm.model.layers)  # k, v
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral-sliding", "tied"])
