@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -224,14 +225,36 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
     On CPU the graph's wrapper (the code that calls its kernels and products, ~20 lines a layer) is C++ rather than
     Python (inductor's cpp_wrapper): SmolLM2 on a 2-core AMD EPYC, +5-10% tokens a second in float16 and bfloat16,
-    +2-3% in float32, for ~12 s more of a first compile (benchmarks/RESULTS.md)."""
+    +2-3% in float32, for ~12 s more of a first compile (benchmarks/RESULTS.md).
+
+    The KV cache's length (and the mask table's) is a dynamic dimension of the graph, every other shape static: one
+    graph for every cache length, where each new length (prompt + answer, in steps of 256) compiled again, ~45 s
+    the first time on a 2-core CPU (a chat's growing conversation every 256 tokens, and after 8 lengths Dynamo's
+    recompile limit sent steps back to eager). Dynamo takes buffers' shapes as static unless its two
+    force_*_static_shapes settings are off, which they are while the step runs (so while it compiles)."""
     def step(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return model(input_ids, input_pos)
 
     step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
     options = {"guard_filter_fn": _no_guards_on_the_model_but_buffers,
                "cpp_wrapper": model.embed_tokens.weight.device.type == "cpu"}
-    return torch.compile(step, dynamic=False, options=options)
+    compiled = torch.compile(step, dynamic=None, options=options)
+    marked: list[weakref.ref] = []  # the mask table whose cache was last marked dynamic (one a setup_kv_cache)
+    dynamic_buffers = torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                                 force_nn_module_property_static_shapes=False)  # built once: 9 us a step
+
+    def run(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if not marked or marked[0]() is not model.mask_cache:
+            for block in model.layers:
+                torch._dynamo.mark_dynamic(block.attn.kv_cache.k, 2)
+                torch._dynamo.mark_dynamic(block.attn.kv_cache.v, 2)
+            torch._dynamo.mark_dynamic(model.mask_cache, 0)
+            torch._dynamo.mark_dynamic(model.mask_cache, 1)
+            marked[:] = [weakref.ref(model.mask_cache)]
+        with dynamic_buffers:
+            return compiled(input_ids, input_pos)
+
+    return run
 
 
 def _no_guards_on_the_model_but_buffers(guards: list) -> list[bool]:
