@@ -245,11 +245,8 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
 
     def run(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         if not marked or marked[0]() is not model.mask_cache:
-            for block in model.layers:
-                torch._dynamo.mark_dynamic(block.attn.kv_cache.k, 2)
-                torch._dynamo.mark_dynamic(block.attn.kv_cache.v, 2)
-            torch._dynamo.mark_dynamic(model.mask_cache, 0)
-            torch._dynamo.mark_dynamic(model.mask_cache, 1)
+            for tensor, dim in model.kv_cache_length_dims():
+                torch._dynamo.mark_dynamic(tensor, dim)
             marked[:] = [weakref.ref(model.mask_cache)]
         with dynamic_buffers:
             return compiled(input_ids, input_pos)

@@ -125,6 +125,12 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
         self.mask_cache = None
 
+    def kv_cache_length_dims(self) -> list[tuple[torch.Tensor, int]]:
+        """(tensor, dimension) for each dimension that is the KV cache's length: the keys' and values' positions and
+        the mask table's rows and columns (decode.compiled_step takes them as dynamic)."""
+        dims = [(t, 2) for block in self.layers for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+        return dims + [(self.mask_cache, 0), (self.mask_cache, 1)]
+
     def kv_cache_bytes(self) -> int:
         return sum(block.attn.kv_cache.k.nbytes + block.attn.kv_cache.v.nbytes for block in self.layers
                    if block.attn.kv_cache is not None)
