@@ -231,7 +231,10 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     graph for every cache length, where each new length (prompt + answer, in steps of 256) compiled again, ~45 s
     the first time on a 2-core CPU (a chat's growing conversation every 256 tokens, and after 8 lengths Dynamo's
     recompile limit sent steps back to eager). Dynamo takes buffers' shapes as static unless its two
-    force_*_static_shapes settings are off, which they are while the step runs (so while it compiles)."""
+    force_*_static_shapes settings are off, which they are while the step runs (so while it compiles). So is
+    capture_scalar_outputs on, by which the graph reads the step's position as a number (GPT.forward's kv_len) and
+    attends to the positions reached, as eager does, rather than to the whole cache through a mask: 2-4% more tokens
+    a second for SmolLM2 in float16 on a 2-core AMD EPYC (benchmarks/RESULTS.md)."""
     def step(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return model(input_ids, input_pos)
 
@@ -241,7 +244,8 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     compiled = torch.compile(step, dynamic=None, options=options)
     marked: list[weakref.ref] = []  # the mask table whose cache was last marked dynamic (one a setup_kv_cache)
     dynamic_buffers = torch._dynamo.config.patch(force_parameter_static_shapes=False,
-                                                 force_nn_module_property_static_shapes=False)  # built once: 9 us a step
+                                                 force_nn_module_property_static_shapes=False,
+                                                 capture_scalar_outputs=True)  # built once: 9 us a step
 
     def run(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         if not marked or marked[0]() is not model.mask_cache:

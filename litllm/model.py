@@ -12,6 +12,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils.checkpoint import checkpoint
 
 from litllm.config import Config
@@ -73,14 +74,15 @@ class GPT(nn.Module):
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_kv_cache(...) first")
             positions = input_pos
             mask = self.mask_cache[input_pos]  # (T, max_seq_len): what each new token may attend to
-            if input_pos.dim() == 2 or not torch.compiler.is_compiling():
-                # only the cached positions some row has reached, not the whole cache; compiled decoding keeps the
-                # cache's full length, one shape for every step
-                kv_len = int(input_pos.max()) + 1
-                mask = mask[..., :kv_len]
+            # only the cached positions some row has reached, not the whole cache (compiled, a number the graph
+            # reads at each step: one graph for every position, decode.compiled_step)
+            kv_len = int(input_pos.max()) + 1
+            torch._check(kv_len >= 1)  # (compiled: kv_len is read in the graph, and these bound it there)
+            torch._check(kv_len <= self.mask_cache.size(1))
+            mask = mask[..., :kv_len]
             if input_pos.dim() == 2:
                 mask = mask.unsqueeze(1)  # (B, 1, T, kv_len)
-            elif T == 1 and kv_len is not None and (window is None or kv_len <= window):
+            elif T == 1 and (window is None or guard_or_false(kv_len <= window)):  # (compiled: keeps the window's mask)
                 mask = None  # one new token that sees every cached position: no mask to apply (SDPA is faster without)
         elif document_ids is not None:
             positions = position_ids
@@ -396,6 +398,7 @@ class Attention(nn.Module):
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv_heads, max_seq_len, head_dim)
             if kv_len is not None:  # only as far as the positions reached (see GPT.forward)
+                torch._check(kv_len <= k.size(2))  # (bounds kv_len for the compiled graph, as in GPT.forward)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             q = q.to(k.dtype)  # the cache may be float32 (see setup_kv_cache)
         if mask is None and input_pos is None:

@@ -284,6 +284,26 @@ def test_compiled_decoding_equals_eager_as_the_kv_cache_length_changes(tiny_chat
     assert graphs[0] == graphs[1] == graphs[2]
 
 
+def test_compiled_decoding_past_a_sliding_window_is_one_graph_equal_to_eager(smollm2_dir, tmp_path):
+    """--compile true reads each step's position in the graph (GPT.forward's kv_len) and attends to the positions
+    reached. Past a sliding window (Mistral's, 5 positions here) the step keeps the window's mask; the comparison of
+    the position with the window must not break the graph (a graph per layer) nor compile a graph per position."""
+    from hf_models import save_tiny_hf_model
+    from torch._dynamo.utils import counters
+
+    from litllm.checkpoint import copy_tokenizer_files
+
+    save_tiny_hf_model("mistral-sliding", tmp_path)
+    copy_tokenizer_files(smollm2_dir, tmp_path)
+    compiled, eager = LLM.load(tmp_path, compile=True), LLM.load(tmp_path)
+    assert compiled.model.config.sliding_window < 8
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    for prompt in ([1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12]):
+        ours = list(generate_tokens(compiled.model, prompt, 8, decode_step=compiled.decode_step))
+        assert ours == list(generate_tokens(eager.model, prompt, 8)) and len(ours) == 8
+    assert sum(counters["graph_break"].values()) == breaks and counters["stats"]["unique_graphs"] == graphs + 1
+
+
 def test_compiled_steps_of_two_models_in_one_process_are_each_their_own(tiny_chat_model_dir, tmp_path, monkeypatch):
     """compiled_step checks no guards on the model's config or weights. Two models that differ only in what those
     guards saw (rms_norm_eps here) each run graphs of their own, equal to their eager steps: a step's graphs are kept
