@@ -234,7 +234,9 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     force_*_static_shapes settings are off, which they are while the step runs (so while it compiles). So is
     capture_scalar_outputs on, by which the graph reads the step's position as a number (GPT.forward's kv_len) and
     attends to the positions reached, as eager does, rather than to the whole cache through a mask: 2-4% more tokens
-    a second for SmolLM2 in float16 on a 2-core AMD EPYC (benchmarks/RESULTS.md)."""
+    a second for SmolLM2 in float16 on a 2-core AMD EPYC (benchmarks/RESULTS.md). Automatic dynamic shapes are off:
+    Dynamo keeps them by the code's file, line and name, the same for every model's step, so a float16 model compiled
+    after a float32 one (column-major weights) took its weights' strides as symbols and decoded ~12% slower."""
     def step(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return model(input_ids, input_pos)
 
@@ -245,7 +247,8 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     marked: list[weakref.ref] = []  # the mask table whose cache was last marked dynamic (one a setup_kv_cache)
     dynamic_buffers = torch._dynamo.config.patch(force_parameter_static_shapes=False,
                                                  force_nn_module_property_static_shapes=False,
-                                                 capture_scalar_outputs=True)  # built once: 9 us a step
+                                                 capture_scalar_outputs=True,
+                                                 automatic_dynamic_shapes=False)  # built once: 9 us a step
 
     def run(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         if not marked or marked[0]() is not model.mask_cache:
