@@ -233,7 +233,7 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     recompile limit sent steps back to eager). Dynamo takes buffers' shapes as static unless its two
     force_*_static_shapes settings are off, which they are while the step runs (so while it compiles). So is
     capture_scalar_outputs on, by which the graph reads the step's position as a number (GPT.forward's kv_len) and
-    attends to the positions reached, as eager does, rather than to the whole cache through a mask: 2-4% more tokens
+    attends to the positions reached, as eager does, rather than to the whole cache through a mask: 2-6% more tokens
     a second for SmolLM2 in float16 on a 2-core AMD EPYC (benchmarks/RESULTS.md). Automatic dynamic shapes are off:
     Dynamo keeps them by the code's file, line and name, the same for every model's step, so a float16 model compiled
     after a float32 one (column-major weights) took its weights' strides as symbols and decoded ~12% slower."""
