@@ -12,7 +12,6 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils.checkpoint import checkpoint
 
 from litllm.config import Config
@@ -82,7 +81,8 @@ class GPT(nn.Module):
             mask = mask[..., :kv_len]
             if input_pos.dim() == 2:
                 mask = mask.unsqueeze(1)  # (B, 1, T, kv_len)
-            elif T == 1 and (window is None or guard_or_false(kv_len <= window)):  # (compiled: keeps the window's mask)
+            elif T == 1 and (window is None or not torch.compiler.is_compiling() and kv_len <= window):
+                # (compiled, a window keeps its mask: kv_len is a number the graph reads, not one to branch on)
                 mask = None  # one new token that sees every cached position: no mask to apply (SDPA is faster without)
         elif document_ids is not None:
             positions = position_ids
