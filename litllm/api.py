@@ -10,6 +10,7 @@ from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model,
 from litllm.decode import (OneTokenStep, column_major_weights, compiled_step, generate_tokens, inference_linears,
                            one_row_kernel, one_row_steps, stream_text)
 from litllm.lora import load_adapter, merge_lora
+from litllm.memory import weights_on_huge_pages
 from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
 
@@ -60,6 +61,7 @@ class LLM:
         else:
             # CPU: few-row products over all threads, and fast 16-bit ones where they are not
             inference_linears(model, pack=not one_row)
+        weights_on_huge_pages(model)  # before the decode step binds views of the weights
         return cls(model, tokenizer, checkpoint_dir, compile=compile, one_row=one_row)
 
     def generate(

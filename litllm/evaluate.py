@@ -30,7 +30,7 @@ from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model,
 from litllm.decode import OneTokenStep, generate_tokens, inference_linears, stream_text
 from litllm.errors import UserError
 from litllm.lora import load_adapter
-from litllm.memory import keep_freed_memory
+from litllm.memory import keep_freed_memory, weights_on_huge_pages
 from litllm.model import GPT, fuse_projections
 from litllm.tokenizer import Tokenizer
 from litllm.training.losses import token_logprobs
@@ -69,6 +69,7 @@ class LitLLM(TemplateLM):
             load_adapter(self.model, Path(adapter), base_checkpoint=checkpoint_dir)
         fuse_projections(self.model)
         inference_linears(self.model)
+        weights_on_huge_pages(self.model)
         self.decode_step = OneTokenStep(self.model)  # generate_until's
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir

@@ -1,6 +1,8 @@
 """Decoding on the real SmolLM2 checkpoint against transformers' `generate`."""
 import contextlib
+import gc
 import json
+import mmap
 import shutil
 from contextlib import contextmanager
 
@@ -14,6 +16,7 @@ from litllm.checkpoint import load_model
 from litllm.decode import (HalfLinear, PackedLinear, RowBlockLinear, generate_tokens, inference_linears, prefill,
                            sample_continuations)
 from litllm.lora import LoRAConfig, apply_lora
+from litllm.memory import weights_on_huge_pages
 from litllm.model import plain_linear
 from litllm.tokenizer import Tokenizer
 
@@ -111,6 +114,44 @@ def test_inference_linears_compute_a_few_float32_rows_in_blocks_and_keep_the_par
                 for x, output in zip(inputs, outputs):
                     torch.testing.assert_close(model[name](x), output)
         assert bmm_calls == blocks and RowBlockLinear.max_rows == 256
+
+
+def advised_huge_pages(tensor: torch.Tensor) -> bool:
+    """Whether the memory map that holds `tensor` is advised for transparent huge pages (VmFlags "hg" in
+    /proc/self/smaps: the advice, whatever the kernel's THP setting makes of it)."""
+    address, inside = tensor.data_ptr(), False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0] and not line.startswith("VmFlags"):
+                start, end = (int(bound, 16) for bound in line.split(" ", 1)[0].split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return "hg" in line.split()
+    return False
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages on this platform")
+def test_an_inference_models_weights_move_to_huge_pages_as_they_were(tiny_chat_model_dir):
+    """weights_on_huge_pages: the same parameters with the same values, strides (a column-major weight, as compiled
+    float32 decoding keeps them) and ties, in a map advised for huge pages that outlives the call; LLM.load's are
+    there."""
+    model = load_model(tiny_chat_model_dir)
+    layer = model.layers[0].mlp.down_proj
+    layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t(), requires_grad=False)
+    params = dict(model.named_parameters())
+    before = {name: (param.detach().clone(), param.stride()) for name, param in params.items()}
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    expected = model(tokens)
+    assert not any(advised_huge_pages(param) for param in params.values())
+    assert weights_on_huge_pages(model) >= sum(param.nbytes for param in params.values())
+    gc.collect()  # nothing but the parameters holds the map now
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert model.lm_head.weight is model.embed_tokens.weight
+    for name, param in params.items():
+        assert torch.equal(param, before[name][0]) and param.stride() == before[name][1] and advised_huge_pages(param)
+    assert torch.equal(model(tokens), expected)
+    llm = LLM.load(tiny_chat_model_dir)
+    assert all(advised_huge_pages(param) for param in llm.model.parameters())
 
 
 def test_sampling_from_a_lora_model_runs_in_row_blocks_and_gives_the_layers_back(tiny_chat_model_dir, monkeypatch):
