@@ -296,13 +296,15 @@ class OneTokenStep:
         cos, signed_sin = model.rope(input_pos, dtype=model.embed_tokens.weight.dtype)
         x = model.embed_tokens(input_ids[0])  # (1, hidden_size): products of 2-d inputs skip matmul's reshapes
         for attn, attn_norm, qkv_proj, o_proj, mlp_norm, gate_up_proj, down_proj in self.layers:
-            q, k, v = qkv_proj(_rms_norm(attn_norm, x)).split(
-                [attn.n_heads * attn.head_dim] + [attn.n_kv_heads * attn.head_dim] * 2, -1)
-            q, k, v = (t.view(1, -1, 1, attn.head_dim) for t in (q, k, v))  # (1, heads, 1, head_dim)
+            heads, head_dim = attn.n_heads, attn.head_dim
+            kv_size = attn.n_kv_heads * head_dim
+            qk, v = qkv_proj(_rms_norm(attn_norm, x)).split([heads * head_dim + kv_size, kv_size], -1)
+            qk, v = qk.view(1, -1, 1, head_dim), v.view(1, -1, 1, head_dim)  # (1, heads, 1, head_dim): q's, then k's
             if attn.q_norm is not None:
-                q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
-            k, v = attn.kv_cache.update(input_pos, apply_rope(k, cos, signed_sin), v)
-            q = apply_rope(q, cos, signed_sin).to(k.dtype)
+                qk = torch.cat((_rms_norm(attn.q_norm, qk[:, :heads]), _rms_norm(attn.k_norm, qk[:, heads:])), 1)
+            qk = apply_rope(qk, cos, signed_sin)  # q and k rotated in one call: the same products as one by one
+            k, v = attn.kv_cache.update(input_pos, qk[:, heads:], v)
+            q = qk[:, :heads].to(k.dtype)
             y = F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len],
                                                enable_gqa=attn.n_kv_heads != attn.n_heads)
             x = x + o_proj(y.to(x.dtype).view(1, -1))
@@ -323,8 +325,9 @@ def _one_row_product(layer: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
 
 
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(x) (model.RMSNorm) through F.rms_norm: one operator for its five, the same values to the bit."""
-    return norm.weight * F.rms_norm(x.float(), (x.size(-1),), eps=norm.eps).to(x.dtype)
+    """norm(x) (model.RMSNorm) through F.rms_norm: one operator for its five, the same values to the bit (F.rms_norm
+    of a 16-bit x computes in float32 and rounds once, as RMSNorm does, without the two casts around it)."""
+    return norm.weight * F.rms_norm(x, (x.size(-1),), eps=norm.eps)
 
 
 GREEDY_BELOW = 1e-5  # vLLM's cut too: below it, greedy is what sampling would give
