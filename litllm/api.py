@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from litllm.checkpoint import check_checkpoint_dir, inference_dtype, load_model, parse_device
-from litllm.decode import (OneTokenStep, column_major_weights, compiled_step, generate_tokens, inference_linears,
+from litllm.decode import (OneTokenStep, compiled_step, generate_tokens, inference_linears,
                            one_row_kernel, one_row_steps, stream_text)
 from litllm.lora import load_adapter, merge_lora
 from litllm.memory import weights_on_huge_pages
@@ -54,13 +54,7 @@ class LLM:
             model = merge_lora(model)
         fuse_projections(model)
         one_row = device.type == "cpu" and not batched and one_row_kernel(model.embed_tokens.weight.dtype)
-        if compile and device.type == "cpu" and model.embed_tokens.weight.dtype == torch.float32:
-            # column-major weights decode faster under compile (1.38-1.63x transformers on an AVX2 EPYC, against
-            # 1.16-1.33x with row blocks)
-            column_major_weights(model)
-        else:
-            # CPU: few-row products over all threads, and fast 16-bit ones where they are not
-            inference_linears(model, pack=not one_row)
+        inference_linears(model, pack=not one_row)  # CPU: few-row products over all threads, fast 16-bit ones
         weights_on_huge_pages(model)  # before the decode step binds views of the weights
         return cls(model, tokenizer, checkpoint_dir, compile=compile, one_row=one_row)
 

@@ -20,17 +20,6 @@ from litllm.model import GPT, Linear, cpu_vendor, linear, onednn_product, plain_
 from litllm.rope import apply_rope
 
 
-def column_major_weights(model: GPT) -> None:
-    """Store each linear weight transposed in memory (same values, same shape to every caller): the faster layout
-    for a compiled decode step (benchmarks/RESULTS.md). Eager decoding takes inference_linears instead."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(module.weight.detach().t().contiguous().t(),
-                                               requires_grad=module.weight.requires_grad)
-    if model.config.tie_embeddings:
-        model.embed_tokens.weight = model.lm_head.weight
-
-
 class RowBlockLinear(torch.nn.Linear):
     """nn.Linear whose products with a few rows (up to 256: a decode step, a short continuation) run as one product
     per thread, each over its own block of the weight's rows; more rows (a long prompt, a batch of documents to score)
@@ -50,6 +39,8 @@ class RowBlockLinear(torch.nn.Linear):
     max_rows = 256
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # its own kernels (see model.linear); get_num_threads would break the graph
+            return linear(x, self.weight, self.bias)
         blocks, rows = torch.get_num_threads(), x.numel() // self.in_features
         if rows > self.max_rows or blocks == 1 or self.out_features % blocks:
             return linear(x, self.weight, self.bias)
@@ -73,7 +64,7 @@ class HalfLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // self.in_features <= self.max_rows:
-            return super().forward(x)
+            return linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
@@ -227,6 +218,15 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     Python (inductor's cpp_wrapper): SmolLM2 on a 2-core AMD EPYC, +5-10% tokens a second in float16 and bfloat16,
     +2-3% in float32, for ~12 s more of a first compile (benchmarks/RESULTS.md).
 
+    On CPU its products of one row are inductor's own kernels (model.linear writes them as torch.mv): a loop over
+    the weight's rows on every thread, each a vectorized dot product summed in float32, which streams the weights
+    faster than PyTorch's one-row kernels (SmolLM2 on a 2-core AMD EPYC with its weights on huge pages, process per
+    run: float16 89-94 -> 98-100 tok/s, bfloat16 93-96 -> 101-104, float32 33 -> 55-76, where column-major weights
+    were the faster layout for PyTorch's kernel; benchmarks/RESULTS.md). Inductor would compute a product's
+    input inside its loop, once per weight row, where that input is an unrealized pointwise result (the RMSNorm
+    before each product: the output layer 3.2 against 2.1 ms); with realize_acc_reads_threshold 0 each such result
+    is a buffer of its own, and the kernels still fuse a layer's loops into one function.
+
     The KV cache's length (and the mask table's) is a dynamic dimension of the graph, every other shape static: one
     graph for every cache length, where each new length (prompt + answer, in steps of 256) compiled again, ~45 s
     the first time on a 2-core CPU (a chat's growing conversation every 256 tokens, and after 8 lengths Dynamo's
@@ -235,14 +235,17 @@ def compiled_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     capture_scalar_outputs on, by which the graph reads the step's position as a number (GPT.forward's kv_len) and
     attends to the positions reached, as eager does, rather than to the whole cache through a mask: 2-6% more tokens
     a second for SmolLM2 in float16 on a 2-core AMD EPYC (benchmarks/RESULTS.md). Automatic dynamic shapes are off:
-    Dynamo keeps them by the code's file, line and name, the same for every model's step, so a float16 model compiled
-    after a float32 one (column-major weights) took its weights' strides as symbols and decoded ~12% slower."""
+    Dynamo keeps them by the code's file, line and name, the same for every model's step, so a model compiled after
+    another of other weight sizes or strides took its weights' as symbols (a float16 model after a float32 one whose
+    weights were column-major decoded ~12% slower)."""
     def step(input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return model(input_ids, input_pos)
 
     step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
-    options = {"guard_filter_fn": _no_guards_on_the_model_but_buffers,
-               "cpp_wrapper": model.embed_tokens.weight.device.type == "cpu"}
+    cpu = model.embed_tokens.weight.device.type == "cpu"
+    options = {"guard_filter_fn": _no_guards_on_the_model_but_buffers, "cpp_wrapper": cpu}
+    if cpu:  # every intermediate its own buffer, so that no product's kernel computes its input again (see above)
+        options["realize_acc_reads_threshold"] = 0
     compiled = torch.compile(step, dynamic=None, options=options)
     marked: list[weakref.ref] = []  # the mask table whose cache was last marked dynamic (one a setup_kv_cache)
     dynamic_buffers = torch._dynamo.config.patch(force_parameter_static_shapes=False,

@@ -225,9 +225,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), with gradients; under CPU autocast with a frozen weight's kept copy
     (frozen_autocast_copy); through OneDNNLinear for a float32 product of at least ONEDNN_MIN_PRODUCT multiply-adds
     on a CPU where oneDNN's float32 products are the faster (onednn_float32), outside autocast. torch.compile picks
-    its own kernels."""
+    its own kernels; on CPU a product of one row (a compiled decode step's) is written as torch.mv, which inductor
+    compiles into a reduction of its own rather than calling PyTorch's kernel: see decode.compiled_step."""
     # is_compiling first: Dynamo would trace into onednn_float32 (and warn that it ignores functools.cache)
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
+    if torch.compiler.is_compiling():
+        if x.device.type == "cpu" and x.numel() == weight.size(1):
+            product = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.size(0))
+            return product if bias is None else product + bias
+        return F.linear(x, weight, bias)
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled("cpu"):
         return F.linear(x, frozen_autocast_copy(weight), bias)

@@ -132,9 +132,8 @@ def advised_huge_pages(tensor: torch.Tensor) -> bool:
 
 @pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages on this platform")
 def test_an_inference_models_weights_move_to_huge_pages_as_they_were(tiny_chat_model_dir):
-    """weights_on_huge_pages: the same parameters with the same values, strides (a column-major weight, as compiled
-    float32 decoding keeps them) and ties, in a map advised for huge pages that outlives the call; LLM.load's are
-    there."""
+    """weights_on_huge_pages: the same parameters with the same values, strides (a column-major weight too) and ties,
+    in a map advised for huge pages that outlives the call; LLM.load's are there."""
     model = load_model(tiny_chat_model_dir)
     layer = model.layers[0].mlp.down_proj
     layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t(), requires_grad=False)
@@ -352,7 +351,12 @@ def test_compiled_steps_of_models_in_one_process_are_each_their_own(tiny_chat_mo
     filter does drop the parameters' guards and keeps the KV cache's (guard names are Dynamo's, not ours).
 
     Nor do the steps share Dynamo's automatic dynamic shapes, kept by the code's file, line and name: a float16 model
-    after float32 ones (column-major weights there) had its weights' strides compiled as symbols, ~12% slower."""
+    after float32 ones of other layouts had its weights' strides compiled as symbols, ~12% slower, and one of other
+    sizes (a wider MLP here) would have its weights' shapes."""
+    from hf_models import save_tiny_hf_model
+
+    from litllm.checkpoint import copy_tokenizer_files
+
     kept = {}
     guard_filter = litllm.decode._no_guards_on_the_model_but_buffers
     monkeypatch.setattr(litllm.decode, "_no_guards_on_the_model_but_buffers", lambda guards: [
@@ -361,8 +365,12 @@ def test_compiled_steps_of_models_in_one_process_are_each_their_own(tiny_chat_mo
     shutil.copytree(tiny_chat_model_dir, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    wider = tmp_path / "wider"
+    save_tiny_hf_model("tied", wider, vocab_size=49152, hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512)
+    copy_tokenizer_files(tiny_chat_model_dir, wider)
     prompt = torch.tensor([[1, 2, 3, 4]])
-    for directory, dtype in ((tiny_chat_model_dir, "float32"), (other, "float32"), (tiny_chat_model_dir, "float16")):
+    for directory, dtype in ((tiny_chat_model_dir, "float32"), (other, "float32"), (wider, "float16")):
         llm = LLM.load(directory, dtype=dtype, compile=True)
         with torch.inference_mode():
             llm.model.setup_kv_cache(batch_size=1, max_seq_len=256)
@@ -374,8 +382,9 @@ def test_compiled_steps_of_models_in_one_process_are_each_their_own(tiny_chat_mo
             torch.testing.assert_close(ours, theirs, **tolerance)
             llm.model.clear_kv_cache()
     steps = [state for code, state in torch._dynamo.pgo.get_code_state().items() if code.name == "step"]
-    assert not any(entry.is_stride_dynamic(dim) for state in steps for name, entry in state.automatic_dynamic.items()
-                   if "._parameters[" in name for dim in range(len(entry.size)))
+    assert not any(entry.is_size_dynamic(dim) or entry.is_stride_dynamic(dim) for state in steps
+                   for name, entry in state.automatic_dynamic.items() if "._parameters[" in name
+                   for dim in range(len(entry.size)))
     assert not any(keep for name, keep in kept.items() if "._parameters['weight']" in name)
     assert all(keep for name, keep in kept.items() if "._modules['kv_cache']._buffers[" in name)
     assert sum(1 for name in kept if "._modules['kv_cache']._buffers[" in name) == 2 * len(llm.model.layers)  # k, v

@@ -1,5 +1,6 @@
 """The model against transformers' own implementation of each family: same weights, same logits."""
 import json
+import re
 
 import pytest
 import torch
@@ -289,3 +290,26 @@ def test_onednn_linear_is_the_exact_product_within_float32_rounding(bias, trains
         return type(layer(torch.randn(rows, 576, requires_grad=True)).grad_fn).__name__ == "OneDNNLinearBackward"
 
     assert kernel(300) == onednn_float32() and not kernel(1)  # 1 row: too small a product to gain
+
+
+def test_a_compiled_one_row_product_is_inductors_own_loop_within_float32_rounding():
+    """model.linear under torch.compile on CPU: a product of one row (a decode step's) is torch.mv, which inductor
+    compiles into a loop of its own, with no call to PyTorch's matrix kernels (extern_kernels.mm or addmm in the
+    generated code);
+    more rows stay F.linear's. Its sums are float32's, rounded once to the dtype: within float32's bound of the exact
+    product, and bfloat16's rounding of it."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    from litllm.model import linear
+
+    torch.manual_seed(0)
+    for dtype, rows in ((torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 3)):
+        weight, bias, x = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype), torch.randn(1, rows, 64).to(dtype)
+        with fresh_cache():  # compiled here, not read from an earlier run's cache
+            out, code = run_and_get_code(torch.compile(lambda x: linear(x, weight, bias)), x)
+        calls = re.findall(r"extern_kernels\.(\w+)\(", "".join(code))
+        assert calls == ([] if rows == 1 else ["addmm"]) and out.dtype == dtype and out.shape == (1, rows, 96)
+        exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+        rounding = 0 if dtype == torch.float32 else 2**-8
+        bound = float32_error_bound(x, weight.T, bias) * (1 + rounding) + exact.abs() * rounding
+        assert ((out.double() - exact).abs() <= bound).all()
