@@ -478,7 +478,7 @@ def test_chunked_logprobs_without_gradients_do_not_grow_the_kept_heap():
     """token_logprobs without gradients (evaluate, reference models), under keep_freed_memory's settings, over 30 chunks
     three times: glibc's heap grows by less than 20 chunks' logits. With each chunk's results kept as pieces to the end
     it grew by 1.6-2.8 GB here (31-55 chunks' logits, 6 processes of 6), as a chunk's small results took memory from
-    the logits freed before them (`litllm evaluate`'s perplexity peaked at 3.2-4.3 GB RSS, against 1.4-1.7 now); now by
+    the logits freed before them (`litllm evaluate`'s perplexity peaked at 3.2-4.5 GB RSS, against 1.4-1.7 now); now by
     0.05-0.61 GB. The log-probs and greedy flags are those of the whole log-softmax, to the bit."""
     import os
 

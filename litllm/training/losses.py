@@ -105,8 +105,8 @@ def _by_chunks(function, lm_head: nn.Module, hidden: torch.Tensor, targets: torc
     Without gradients each chunk's results are written into the two outputs at once. Kept as pieces to the end, a
     chunk's small results could take their memory from the (chunk, vocab) logits freed just before. The next chunk's
     logits then no longer fit there. Under keep_freed_memory (training, evaluate on CPU) glibc's heap grew by about a
-    chunk's logits per chunk: `litllm evaluate`'s perplexity of 8 SmolLM2 documents peaked at 3.2-4.3 GB RSS in 3
-    runs of 4, against 1.4-1.7 GB this way (benchmarks/RESULTS.md)."""
+    chunk's logits per chunk: `litllm evaluate`'s perplexity of 8 SmolLM2 documents peaked at 3.2-4.5 GB RSS in most
+    processes, against 1.4-1.7 GB this way (benchmarks/RESULTS.md)."""
     step = max(chunk_size, 1)
     chunks = zip(hidden.split(step), targets.split(step))
     if torch.is_grad_enabled():
