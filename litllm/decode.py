@@ -16,14 +16,18 @@ import torch.nn.functional as F
 
 from litllm import checkpoint
 from litllm.errors import UserError
-from litllm.model import GPT, Linear, cpu_vendor, linear, onednn_product, plain_linear
+from litllm.model import GPT, Linear, cpu_vendor, linear, onednn_product, plain_linear, takes_onednn
 from litllm.rope import apply_rope
 
 
 class RowBlockLinear(torch.nn.Linear):
     """nn.Linear whose products with a few rows (up to 256: a decode step, a short continuation) run as one product
     per thread, each over its own block of the weight's rows; more rows (a long prompt, a batch of documents to score)
-    take model.linear's (oneDNN's where that is the faster kernel, else F.linear's).
+    take model.linear's (oneDNN's where that is the faster kernel, else F.linear's). So does every product that
+    model.linear gives to oneDNN (takes_onednn: AMD CPUs with AVX-512, from ONEDNN_MIN_PRODUCT multiply-adds), whose
+    kernel threads over the output itself: on a 2-core AMD EPYC (Zen 4) it ran SmolLM2's block products from there
+    as fast as row blocks or up to 1.35x faster, and its output layer (49152 x 576) 1.2-2.1x faster at 1-256 rows
+    (evaluation's log-prob chunks: perplexity ~3% faster; benchmarks/RESULTS.md).
 
     A decode step is one matrix-vector product per weight, bound by how fast the weights stream from memory, and
     PyTorch's CPU product of one row streams them with one thread (measured on a 2-core AMD EPYC: 10 GB/s with one
@@ -42,7 +46,7 @@ class RowBlockLinear(torch.nn.Linear):
         if torch.compiler.is_compiling():  # its own kernels (see model.linear); get_num_threads would break the graph
             return linear(x, self.weight, self.bias)
         blocks, rows = torch.get_num_threads(), x.numel() // self.in_features
-        if rows > self.max_rows or blocks == 1 or self.out_features % blocks:
+        if rows > self.max_rows or blocks == 1 or self.out_features % blocks or takes_onednn(x, self.weight):
             return linear(x, self.weight, self.bias)
         weight = self.weight.view(blocks, self.out_features // blocks, self.in_features)  # row blocks, no copy
         # (blocks, rows, out_features / blocks)

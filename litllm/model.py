@@ -237,10 +237,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled("cpu"):
         return F.linear(x, frozen_autocast_copy(weight), bias)
-    if (x.dtype == weight.dtype == torch.float32 and x.numel() * weight.size(0) >= ONEDNN_MIN_PRODUCT
-            and type(weight) in (torch.Tensor, nn.Parameter) and onednn_float32()):
+    if takes_onednn(x, weight):
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) outside autocast and torch.compile runs oneDNN's float32 product on this CPU."""
+    return (x.dtype == weight.dtype == torch.float32 and x.numel() * weight.size(0) >= ONEDNN_MIN_PRODUCT
+            and type(weight) in (torch.Tensor, nn.Parameter) and onednn_float32())
 
 
 _autocast_copies = torch.utils.weak.WeakIdKeyDictionary()  # weight -> ((data_ptr, version, dtype), copy)

@@ -114,6 +114,19 @@ def test_inference_linears_compute_a_few_float32_rows_in_blocks_and_keep_the_par
                 for x, output in zip(inputs, outputs):
                     torch.testing.assert_close(model[name](x), output)
         assert bmm_calls == blocks and RowBlockLinear.max_rows == 256
+    # a product model.linear gives to oneDNN is not split in blocks: here from 64 x 96 x 5 multiply-adds, so proj's 10
+    # and 257 rows go to oneDNN and only its 1 row to row blocks (head's 33 rows never split in 2)
+    monkeypatch.setattr(litllm.model, "onednn_float32", lambda: True)
+    monkeypatch.setattr(litllm.model, "ONEDNN_MIN_PRODUCT", 64 * 96 * 5)
+    onednn_calls = []
+    onednn = litllm.model.OneDNNLinear.apply
+    monkeypatch.setattr(litllm.model.OneDNNLinear, "apply",
+                        lambda *args: onednn_calls.append(args[0].shape) or onednn(*args))
+    bmm_calls.clear()
+    with threads(2):
+        for x, output in zip(inputs, expected["proj"]):
+            torch.testing.assert_close(model.proj(x), output)
+    assert bmm_calls == [(2, 64, 48)] and onednn_calls == [(2, 5, 64), (1, 257, 64)]
 
 
 def advised_huge_pages(tensor: torch.Tensor) -> bool:
